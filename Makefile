@@ -1,0 +1,48 @@
+# npcforge: `make demo` runs the main job on the sample roster; `make test` runs the tests.
+# Everything installs into .venv; torch 2.13.0 (CPU) goes in FIRST so nothing pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DIST   ?= dist
+APT_PACKAGES := chromium mono-mcs mono-runtime g++
+
+.PHONY: install system-deps demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,test]'
+	touch $@
+
+install: $(STAMP)
+
+# Debian packages the tests drive: headless Chromium (report rendering), Mono (Unity client), g++ (C++ client).
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v mcs >/dev/null || missing="$$missing mono-mcs"; \
+	command -v mono >/dev/null || missing="$$missing mono-runtime"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: install system-deps
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/npcforge model fetch
+	$(BIN)/npcforge validate characters/
+	$(BIN)/npcforge model ask --character characters/brenna.yaml "What can you forge for me?"
+
+clean:
+	rm -rf $(DIST) .pytest_cache

@@ -1,0 +1,172 @@
+"""Build configuration: the one home of every builder setting.
+
+A `BuildConfig` is resolved in three layers, later ones winning:
+preset (`fast` | `default` | `best`) → the character file's `build:` section → command-line overrides.
+Every stage reads its settings from here; no stage keeps constants of its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    # --- what to build ---
+    method: str = "persona-pruner"  # the paper's learned mask; baselines exist for the benchmark
+    ffn_keep: float = 0.75  # fraction of FFN channels kept; 0.75 is the widest cut that passes the quality gate
+    channel_multiple: int = 16  # k is rounded to this so int4/int8 blocks and SIMD widths stay aligned
+    seed: int = 0  # every random choice derives from it: builds are reproducible
+
+    # --- calibration data (builder.calibration) ---
+    n_train_queries: int = 160  # persona-sensitive queries kept for selection and healing
+    n_heldout_queries: int = 40  # never used for selection or healing; the evaluation split
+    n_card_questions: int = 24  # questions about the character the dense model writes from the card
+    teacher_candidates: int = 3  # sampled answers per query; the best by the persona judge is kept
+    teacher_max_tokens: int = 64  # NPC replies are short; longer samples drift and repeat
+    teacher_temperature: float = 0.7  # the usual chat setting; greedy answers of a 135M model loop
+    teacher_top_p: float = 0.9
+    teacher_url: str | None = None  # OpenAI-compatible endpoint of a stronger teacher (the paper's rewrite step)
+    teacher_model: str | None = None  # model name sent to teacher_url
+    sensitivity_band: tuple[float, float] = (0.2, 0.85)  # middle band of layers (paper: 5..24 of 28)
+    n_reference_personas: int = 8  # other characters compared against in the sensitivity score
+
+    # --- channel selection (builder.selection) ---
+    mask_steps: int = 120  # straight-through top-k steps; FACTS 4d: most gain comes early
+    mask_lr: float = 0.05  # Adam on channel scores, which start at activation importance (~unit scale)
+    mask_batch: int = 4
+    n_generic_calibration: int = 64  # generic text sequences for the baselines' scores
+
+    # --- healing (builder.heal) ---
+    heal_steps: int = 150  # FACTS 4d: held-out KL stalls after ~150 steps on this data size
+    heal_lr: float = 1e-4
+    heal_batch: int = 4
+    heal_scope: str = "ffn"  # "ffn" keeps attention/embeddings bit-identical (shareable); "all" heals everything
+    max_seq_len: int = 320  # system prompt + query + answer fit; longer sequences only cost time
+
+    # --- export (builder.export) ---
+    precision: str = "int8"  # weight-only block int8 keeps top-1 agreement; see docs/artifact.md
+    quant_block_size: int = 32  # block size of MatMulNBits weight quantisation
+    min_top1_agreement: float = 0.9  # verification: ONNX vs torch, teacher-forced, fraction of probe tokens
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
+    quantize_lm_head: bool = True  # the 576x49152 vocab projection is ~20 % of decode FLOPs
+    verify_prompts: int = 4  # chat-formatted probe prompts compared ONNX vs torch
+    verify_tokens: int = 16  # greedy tokens per probe prompt (4 x 16 = 64 probe tokens)
+
+    # --- quality gate (builder.evaluate) ---
+    max_kl: float = 0.30  # KL(dense||pruned) per answer token above which a character fails the gate
+    max_degeneration_increase: float = 0.10  # repeated n-gram rate may exceed dense by at most this
+
+    # --- machine ---
+    threads: int = 0  # torch threads; 0 = all cores
+    dtype: str = "bf16"  # training precision on CPU (FACTS 4c: 1.65x faster than fp32)
+    device: str = "cpu"
+    user_name: str = "Traveler"  # what {{user}} becomes in prompts
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes the artifact (threads and device do not)."""
+        d = self.to_dict()
+        for k in ("threads", "device"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+METHODS = ("persona-pruner", "persona-activation", "magnitude", "wanda-sp", "taylor")
+PRECISIONS = ("fp32", "int8", "int4")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # fast: tests and demos, <= 2 CPU-minutes per character on the default model
+    "fast": dict(n_train_queries=24, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
+                 teacher_max_tokens=40, mask_steps=12, heal_steps=12, mask_batch=2, heal_batch=2,
+                 n_generic_calibration=8, max_seq_len=192),
+    "default": {},
+    # best: what a release build can afford
+    "best": dict(n_train_queries=320, teacher_candidates=4, mask_steps=300, heal_steps=300),
+}
+
+
+def _validate(c: BuildConfig) -> None:
+    if c.method not in METHODS:
+        raise ConfigError(f"method: unknown method {c.method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 < c.ffn_keep <= 1.0:
+        raise ConfigError(f"ffn_keep: {c.ffn_keep} is not in (0, 1]")
+    if c.precision not in PRECISIONS:
+        raise ConfigError(f"precision: {c.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if c.accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConfigError(f"accuracy_level: {c.accuracy_level} is not 0..4 (MatMulNBits)")
+    if c.quant_block_size not in (16, 32, 64, 128, 256):
+        raise ConfigError(f"quant_block_size: {c.quant_block_size} is not a power of two in 16..256")
+    if c.heal_scope not in ("ffn", "all"):
+        raise ConfigError(f"heal_scope: {c.heal_scope!r} is not 'ffn' or 'all'")
+    if c.dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"dtype: {c.dtype!r} is not 'bf16' or 'fp32'")
+    if c.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device: {c.device!r} is not 'cpu' or 'cuda'")
+    for name in ("n_train_queries", "n_heldout_queries", "teacher_candidates", "teacher_max_tokens",
+                 "mask_batch", "heal_batch", "max_seq_len", "channel_multiple", "quant_block_size",
+                 "verify_prompts", "verify_tokens"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1, got {getattr(c, name)}")
+    for name in ("mask_steps", "heal_steps", "n_card_questions", "threads"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"{name}: must not be negative, got {getattr(c, name)}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(BuildConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, naming the field on failure."""
+    default = _FIELDS[name].default
+    try:
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            return tuple(float(v) for v in value)
+        if value is None:
+            return None
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot use {value!r} (expected {type(default).__name__})") from None
+
+
+def resolve_config(preset: str = "default", *layers: dict[str, Any] | None) -> BuildConfig:
+    """Preset, then each override layer in order (card `build:` section, then command line)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"{key}: unknown build setting; known: {', '.join(sorted(_FIELDS))}")
+            values[name] = _coerce(name, value)
+    return BuildConfig(**values)
+
+
+def round_channels(n_channels: int, keep: float, multiple: int) -> int:
+    """Channels kept per layer: keep * n rounded to a multiple, at least one multiple, at most n."""
+    k = int(round(n_channels * keep / multiple)) * multiple
+    return max(min(k, n_channels), min(multiple, n_channels))
+
+
+__all__ = ["BuildConfig", "ConfigError", "METHODS", "PRECISIONS", "PRESETS", "resolve_config", "round_channels"]

@@ -1,0 +1,3 @@
+from npcforge.cli import main
+
+main()

@@ -1,0 +1,43 @@
+"""BuildConfig layering and validation: preset → card build: → command line, every error naming its field."""
+import pytest
+
+from builder.config import BuildConfig, ConfigError, resolve_config, round_channels
+
+
+def test_layers_apply_in_order():
+    c = resolve_config("fast", {"ffn_keep": 0.5, "heal_steps": 7}, {"ffn-keep": "0.625"})
+    assert c.ffn_keep == 0.625 and c.heal_steps == 7
+    assert c.mask_steps == 12  # from the fast preset
+    assert resolve_config().mask_steps == BuildConfig().mask_steps
+
+
+@pytest.mark.parametrize("layer, field", [
+    ({"ffn_keepp": 0.5}, "ffn_keepp"),
+    ({"ffn_keep": 1.5}, "ffn_keep"),
+    ({"heal_steps": "many"}, "heal_steps"),
+    ({"method": "random"}, "method"),
+    ({"precision": "int3"}, "precision"),
+    ({"mask_steps": 2.5}, "mask_steps"),
+])
+def test_bad_settings_name_the_field(layer, field):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        resolve_config("default", layer)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset"):
+        resolve_config("turbo")
+
+
+def test_fingerprint_tracks_artifact_settings_only():
+    a = resolve_config("default")
+    assert a.fingerprint() == resolve_config("default", {"threads": 2}).fingerprint()
+    assert a.fingerprint() != resolve_config("default", {"ffn_keep": 0.5}).fingerprint()
+
+
+def test_round_channels():
+    assert round_channels(1536, 0.75, 16) == 1152
+    assert round_channels(1536, 0.5, 16) == 768
+    assert round_channels(1536, 1.0, 16) == 1536
+    assert round_channels(128, 0.01, 16) == 16
+    assert round_channels(100, 1.0, 16) == 96  # never more than n, always a multiple
