@@ -42,7 +42,7 @@ test-fast: install
 demo: install
 	$(BIN)/npcforge model fetch
 	$(BIN)/npcforge validate characters/
-	$(BIN)/npcforge model ask --character characters/brenna.yaml "What can you forge for me?"
+	$(BIN)/npcforge model ask --character characters/magda.yaml "What can you forge for me?"
 
 clean:
 	rm -rf $(DIST) .pytest_cache
