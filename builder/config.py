@@ -26,10 +26,12 @@ class BuildConfig:
     seed: int = 0  # every random choice derives from it: builds are reproducible
 
     # --- calibration data (builder.calibration) ---
-    n_train_queries: int = 160  # persona-sensitive queries kept for selection and healing
+    n_train_queries: int = 64  # persona-sensitive queries answered by the teacher for selection and healing;
+    # sampling is the dearest step on CPU (~2 CPU-s per 64-token answer, docs/quality.md): 20-minute budget
     n_heldout_queries: int = 40  # never used for selection or healing; the evaluation split
-    n_card_questions: int = 24  # questions about the character the dense model writes from the card
-    teacher_candidates: int = 3  # sampled answers per query; the best by the persona judge is kept
+    n_card_questions: int = 12  # questions about the character the dense model writes from the card
+    query_pool: int = 512  # corpus utterances scored for persona sensitivity (seeded sample of a larger corpus)
+    teacher_candidates: int = 2  # sampled answers per query, ranked by the persona judge; all accepted ones train
     teacher_max_tokens: int = 64  # NPC replies are short; longer samples drift and repeat
     teacher_temperature: float = 0.7  # the usual chat setting; greedy answers of a 135M model loop
     teacher_top_p: float = 0.9
@@ -37,32 +39,42 @@ class BuildConfig:
     teacher_model: str | None = None  # model name sent to teacher_url
     sensitivity_band: tuple[float, float] = (0.2, 0.85)  # middle band of layers (paper: 5..24 of 28)
     n_reference_personas: int = 8  # other characters compared against in the sensitivity score
+    judge_references: int = 3  # personas a teacher candidate is ranked against; each costs one forward per answer
+    teacher_max_repetition: float = 0.25  # candidates whose repeated 3-gram rate exceeds this are loops: rejected
+    multi_turn_sequences: int = 64  # two-exchange chats recombined from the answers: new contexts, no sampling
+    forward_batch: int = 8  # sequences per scoring/evaluation forward pass: larger only costs memory on CPU
+    generation_rows: int = 24  # sampled rows decoded together; one decode step costs little more at 24 rows than 1
 
     # --- channel selection (builder.selection) ---
-    mask_steps: int = 120  # straight-through top-k steps; FACTS 4d: most gain comes early
-    mask_lr: float = 0.05  # Adam on channel scores, which start at activation importance (~unit scale)
+    mask_steps: int = 32  # straight-through top-k steps, ~5 CPU-s each at batch 4 (docs/quality.md)
+    mask_lr: float = 0.002  # SGD (momentum 0.9) on per-layer normalised gradients; scores start at mean 1.
+    # First-order swap estimates undercount the cost of removing a kept channel: large steps reshuffle the mask
+    # into noise (tests/test_selection.py), so the scores move a few hundredths per step at most.
     mask_batch: int = 4
     n_generic_calibration: int = 64  # generic text sequences for the baselines' scores
 
     # --- healing (builder.heal) ---
-    heal_steps: int = 150  # FACTS 4d: held-out KL stalls after ~150 steps on this data size
+    heal_steps: int = 64  # ~6 CPU-s each at batch 4; FACTS 4d: most of the gain comes in the first 60-150
     heal_lr: float = 1e-4
     heal_batch: int = 4
     heal_scope: str = "ffn"  # "ffn" keeps attention/embeddings bit-identical (shareable); "all" heals everything
+    heal_data: str = "auto"  # "auto": persona data for persona methods, generic text for generic baselines
+    n_generic_eval: int = 12  # generic paragraphs held back from calibration for the generic perplexity
     max_seq_len: int = 320  # system prompt + query + answer fit; longer sequences only cost time
 
     # --- export (builder.export) ---
     precision: str = "int8"  # weight-only block int8 keeps top-1 agreement; see docs/artifact.md
-    quant_block_size: int = 32  # block size of MatMulNBits weight quantisation
+    quant_block_size: int = 64  # MatMulNBits block: 64 decodes 1.3x faster than 32 on AVX-512 at equal top-1
     min_top1_agreement: float = 0.9  # verification: ONNX vs torch, teacher-forced, fraction of probe tokens
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
-    quantize_lm_head: bool = True  # the 576x49152 vocab projection is ~20 % of decode FLOPs
+    quantize_lm_head: bool = True  # the vocab projection is ~20 % of decode FLOPs; tied: stores the table once
     verify_prompts: int = 4  # chat-formatted probe prompts compared ONNX vs torch
     verify_tokens: int = 16  # greedy tokens per probe prompt (4 x 16 = 64 probe tokens)
 
     # --- quality gate (builder.evaluate) ---
     max_kl: float = 0.30  # KL(dense||pruned) per answer token above which a character fails the gate
     max_degeneration_increase: float = 0.10  # repeated n-gram rate may exceed dense by at most this
+    max_judge_drop: float = 0.10  # judge accuracy may trail dense by this; 40 held-out answers: 1 answer = 2.5 pts
 
     # --- machine ---
     threads: int = 0  # torch threads; 0 = all cores
@@ -88,13 +100,16 @@ METHODS = ("persona-pruner", "persona-activation", "magnitude", "wanda-sp", "tay
 PRECISIONS = ("fp32", "int8", "int4")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # fast: tests and demos, <= 2 CPU-minutes per character on the default model
-    "fast": dict(n_train_queries=24, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
+    # fast: tests and demos. Measured ~5-8 CPU-minutes per character on the default model (docs/quality.md):
+    # 40 held-out answers sampled twice (dense, pruned) and judged already cost more than the 2-minute aim
+    "fast": dict(query_pool=96, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
+                 n_train_queries=24, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
                  teacher_max_tokens=40, mask_steps=12, heal_steps=12, mask_batch=2, heal_batch=2,
                  n_generic_calibration=8, max_seq_len=192),
     "default": {},
-    # best: what a release build can afford
-    "best": dict(n_train_queries=320, teacher_candidates=4, mask_steps=300, heal_steps=300),
+    # best: what a release build can afford (~1 CPU-hour per character)
+    "best": dict(n_train_queries=192, teacher_candidates=3, n_card_questions=24, multi_turn_sequences=192,
+                 mask_steps=120, heal_steps=300),
 }
 
 
@@ -109,6 +124,8 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"accuracy_level: {c.accuracy_level} is not 0..4 (MatMulNBits)")
     if c.quant_block_size not in (16, 32, 64, 128, 256):
         raise ConfigError(f"quant_block_size: {c.quant_block_size} is not a power of two in 16..256")
+    if c.heal_data not in ("auto", "persona", "generic"):
+        raise ConfigError(f"heal_data: {c.heal_data!r} is not 'auto', 'persona' or 'generic'")
     if c.heal_scope not in ("ffn", "all"):
         raise ConfigError(f"heal_scope: {c.heal_scope!r} is not 'ffn' or 'all'")
     if c.dtype not in ("bf16", "fp32"):

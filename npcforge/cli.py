@@ -15,6 +15,12 @@ from npcforge import __version__
 # name -> "module:attribute" of a click command. Only commands that work are listed here.
 COMMANDS: dict[str, str] = {
     "model": "npcforge.cmd_model:model",
+    "validate": "npcforge.cmd_cards:validate",
+    "export-card": "npcforge.cmd_cards:export_card",
+    "serve": "npcforge.cmd_serve:serve",
+    "chat": "npcforge.cmd_serve:chat",
+    "build": "npcforge.cmd_build:build",
+    "inspect": "npcforge.cmd_build:inspect",
 }
 
 

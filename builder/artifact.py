@@ -1,0 +1,228 @@
+"""The artifact: one character's folder in dist/, the contract between builder and runtime (docs/artifact.md).
+
+`write_artifact(checkpoint, character, out_dir, config, base, prune=None)` exports the checkpoint to ONNX, verifies
+it against torch, copies the tokenizer, writes character.json, the report and manifest.json (with every file's size
+and sha256), all in a temporary sibling folder renamed into place: an artifact is complete or absent.
+`check_artifact(folder)` re-verifies a folder's files against its manifest; `read_manifest` loads one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from builder.basemodel import BaseModel, file_sha256
+from builder.config import BuildConfig
+from builder.export import export_onnx
+
+log = logging.getLogger(__name__)
+
+FORMAT = "npcforge-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+PROBE_QUESTIONS = ("Who are you?", "What do you do around here?", "Any news from town?",
+                   "What do you want most?", "Can you help me?", "What do you think of strangers?")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact cannot be built or does not match its manifest; the message names the file."""
+
+
+class VerificationFailed(ArtifactError):
+    """The ONNX model disagrees with its torch checkpoint more than the config allows."""
+
+
+def builder_version() -> str:
+    from npcforge import __version__
+
+    return __version__
+
+
+def chat_template(tokenizer_dir: Path) -> dict[str, str]:
+    """The tokenizer's jinja chat template reduced to per-role format strings with a `{content}` slot.
+
+    Renders conversations holding sentinel strings and takes the text each message adds, so the runtime can build
+    prompts without jinja. Fails when a template is not incremental (later messages rewrite earlier text).
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not tok.chat_template:
+        raise ArtifactError(f"{tokenizer_dir / 'tokenizer_config.json'}: chat_template: missing; "
+                            "the runtime needs the model's chat format")
+    sentinels = {"system": "NPCFSENTINELSYSTEM", "user": "NPCFSENTINELUSER", "assistant": "NPCFSENTINELASSISTANT"}
+    msgs = [{"role": r, "content": c} for r, c in sentinels.items()]
+
+    def render(n: int, gen: bool = False) -> str:
+        return tok.apply_chat_template(msgs[:n], tokenize=False, add_generation_prompt=gen)
+
+    out: dict[str, str] = {}
+    prev = ""
+    for n, role in enumerate(sentinels, start=1):
+        text = render(n)
+        if not text.startswith(prev) or text[len(prev):].count(sentinels[role]) != 1:
+            raise ArtifactError(f"{tokenizer_dir / 'tokenizer_config.json'}: chat_template: the {role} turn is not "
+                                "rendered incrementally; the runtime cannot use this template")
+        out[role] = text[len(prev):].replace(sentinels[role], "{content}")
+        prev = text
+    with_gen, without = render(2, True), render(2)
+    if not with_gen.startswith(without):
+        raise ArtifactError(f"{tokenizer_dir / 'tokenizer_config.json'}: chat_template: generation prompt is not a "
+                            "suffix of the conversation")
+    out["generation_prompt"] = with_gen[len(without):]
+    return out
+
+
+def _token_ids(tokenizer_dir: Path, checkpoint: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    eos: list[int] = []
+    gen_path = checkpoint / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    for value in (tok.eos_token_id, gen.get("eos_token_id")):
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v not in eos:
+                eos.append(int(v))
+    if not eos:
+        raise ArtifactError(f"{tokenizer_dir}: no eos token in the tokenizer or generation_config.json")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    return {"file": "tokenizer.json", "eos_token_ids": eos, "pad_token_id": int(pad)}
+
+
+def probe_prompts(character: Any, template: dict[str, str], config: BuildConfig) -> list[str]:
+    """Chat-formatted prompts in the character's own voice: its system prompt + example or stock questions."""
+    from builder.cards import persona_prompt
+
+    system = template["system"].replace("{content}", persona_prompt(character, config.user_name))
+    questions = [t.text for d in character.examples for t in d if t.role == "user"]
+    questions += [q for q in PROBE_QUESTIONS if q not in questions]
+    return [system + template["user"].replace("{content}", q) + template["generation_prompt"]
+            for q in questions[:config.verify_prompts]]
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; {folder} is not an npcforge artifact") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); rebuild the character") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
+                            f"{FORMAT} v{FORMAT_VERSION}; rebuild with this npcforge")
+    return manifest
+
+
+def check_artifact(folder: Path) -> list[str]:
+    """Every problem of the folder against its manifest (missing file, size or sha256 mismatch); [] when intact."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except ArtifactError as e:
+        return [str(e)]
+    problems = []
+    for rel, rec in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != rec["size"]:
+            problems.append(f"{path}: size {path.stat().st_size} != manifest {rec['size']}")
+        elif file_sha256(path) != rec["sha256"]:
+            problems.append(f"{path}: sha256 does not match the manifest")
+    return problems
+
+
+def jsonable(value: Any) -> Any:
+    """numpy/torch scalars and arrays that metrics may hold, as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=jsonable) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def install(tmp: Path, out_dir: Path) -> None:
+    """Rename a finished folder into place; an existing artifact is moved aside first, then deleted."""
+    old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: BuildConfig, base: BaseModel,
+                   prune: Any = None, progress: Callable[[str], None] | None = None) -> Path:
+    """Export, verify, hash and install one character's artifact at out_dir; returns out_dir."""
+    from builder.cards import character_record
+    from builder.report import write_character_report
+    from builder.verify import verify_export
+
+    say = progress or (lambda msg: log.info(msg))
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        t0 = time.perf_counter()
+        say("export")
+        exported = export_onnx(checkpoint, tmp, config)
+        tok_src = checkpoint if (checkpoint / "tokenizer.json").is_file() else base.path
+        for name in TOKENIZER_FILES:
+            if (tok_src / name).is_file():
+                shutil.copyfile(tok_src / name, tmp / name)
+        template = chat_template(tmp)
+        say("verify")
+        verification = verify_export(checkpoint, exported.model_file, probe_prompts(character, template, config),
+                                     config)
+        if not verification.passed:
+            raise VerificationFailed(f"{character.id}: {verification.reason}")
+        _write_json(tmp / "character.json", character_record(character, config.user_name))
+        quality = dict(prune.metrics, passed_gate=prune.passed_gate, gate_reasons=prune.gate_reasons) if prune \
+            else {"method": "dense", "passed_gate": True}
+        manifest: dict[str, Any] = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "id": character.id, "name": character.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "builder": {"version": builder_version(), "config": config.to_dict(), "config_hash": config.fingerprint()},
+            "base_model": {"id": base.model_id, "sha256": base.sha256}, "card_sha256": character.card_sha256,
+            "model": {"file": exported.model_file.name, "data_file": exported.data_file.name,
+                      "precision": config.precision, **exported.shapes,
+                      "base_intermediate_size": base.config["intermediate_size"], "kv_layout": "BNSH",
+                      "logits": "last"},
+            "tokenizer": _token_ids(tmp, checkpoint),
+            "chat_template": template,
+            "shared_tensors": exported.shared_tensors(),
+            "verification": verification.to_dict(),
+            "quality": quality,
+            "build_seconds": {"export": round(exported.seconds, 1), "artifact": 0.0},
+        }
+        say("report")
+        write_character_report(tmp, manifest, exported, prune)
+        manifest["build_seconds"]["artifact"] = round(time.perf_counter() - t0, 1)
+        manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                             for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+        _write_json(tmp / MANIFEST, manifest)
+        install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("artifact %s written", out_dir)
+    return out_dir
+
+
+__all__ = ["ArtifactError", "VerificationFailed", "write_artifact", "check_artifact", "read_manifest",
+           "chat_template", "probe_prompts", "install", "MANIFEST", "FORMAT_VERSION"]

@@ -1,0 +1,230 @@
+"""Language-model plumbing shared by the pruning stages: chat sequences, prefix caches, batched forward, sampling,
+the distillation loss and hooks on the FFN's channel activations.
+
+Every persona sequence is `system prompt` + turns. The system prompt is the same for all of one character's
+sequences, so it is run once into a KV cache (`prefix_kv`) and every batch continues from it (`forward`): the
+prompt is the longest part of a sequence, and this sharing is what makes the builder affordable on a CPU.
+Gradients flow through the prefix only when it was computed with grad enabled; training computes it without.
+
+Inputs: an HF causal LM with Llama-shaped layers (`model.model.layers[i].mlp.down_proj`) and its tokenizer.
+Outputs: token lists, logits, per-token KL, and `Seq` records (suffix ids + which tokens are answer targets).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Seq:
+    """One training/evaluation sequence after a shared prefix: `target[i]` says token i is to be predicted."""
+    ids: list[int]
+    target: list[bool]
+
+
+@dataclass
+class SeqSet:
+    """Sequences sharing one prefix (a character's system prompt; empty for plain text)."""
+    prefix: list[int]
+    seqs: list[Seq] = field(default_factory=list)
+
+
+def render(tok, messages: list[dict]) -> str:
+    return tok.apply_chat_template(messages, tokenize=False)
+
+
+def chat_seq(tok, system: str, turns: list[tuple[str, str]], generation_prompt: bool = False) -> tuple[list[int], Seq]:
+    """(prefix ids, Seq) for a chat: turns are (role, text) with role "user" or "assistant"; assistant text is the
+    target. Rendering goes through the tokenizer's chat template, piece by piece, so any template that renders
+    prefixes consistently (ChatML does) works."""
+    messages = [{"role": "system", "content": system}]
+    head = render(tok, messages)
+    prefix = tok(head, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    target: list[bool] = []
+    done = head
+    for role, text in turns:
+        if role == "assistant":
+            opened = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            _append(tok, opened, done, ids, target, False)
+            done = opened
+        messages.append({"role": role, "content": text})
+        full = render(tok, messages)
+        if role == "assistant":
+            piece = full[len(done):]
+            body = piece.rstrip()
+            _append(tok, done + body, done, ids, target, True)
+            _append(tok, full, done + body, ids, target, False)
+        else:
+            _append(tok, full, done, ids, target, False)
+        done = full
+    if generation_prompt:
+        opened = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        _append(tok, opened, done, ids, target, False)
+    return prefix, Seq(ids, target)
+
+
+def _append(tok, text: str, done: str, ids: list[int], target: list[bool], is_target: bool) -> None:
+    if not text.startswith(done):
+        raise ValueError("the tokenizer's chat template does not render conversations as growing prefixes; "
+                         "use a base model with a ChatML-style template")
+    piece = tok(text[len(done):], add_special_tokens=False)["input_ids"]
+    ids.extend(piece)
+    target.extend([is_target] * len(piece))
+
+
+def text_seq(tok, text: str, max_len: int) -> Seq:
+    """Plain text (no chat, no prefix): every token after the first is a target."""
+    ids = tok(text, add_special_tokens=False)["input_ids"][:max_len]
+    return Seq(ids, [False] + [True] * (len(ids) - 1))
+
+
+def prefix_kv(model, prefix: list[int]) -> KV | None:
+    """The KV cache of a prefix (batch 1); under torch.no_grad() it is a constant, else it carries grad.
+    Training recomputes the student's prompt cache every step but without grad: a backward pass through the
+    ~350-token system prompt cost more than the whole batch of answers, and the same FFN weights and channels
+    are trained at the answer positions anyway (the prompt cache still reflects the current student exactly)."""
+    if not prefix:
+        return None
+    out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def _cache(kv: KV | None, batch: int) -> DynamicCache | None:
+    if kv is None:
+        return None
+    return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
+
+
+def forward(model, kv: KV | None, rows: list[list[int]], pad_id: int, hidden: bool = False):
+    """Right-padded batch of suffixes after the prefix in `kv`. Returns the model output (logits (B, S, V))."""
+    batch, width = len(rows), max(len(r) for r in rows)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    past = 0 if kv is None else kv[0][0].shape[2]
+    attention = torch.cat([torch.ones((batch, past), dtype=torch.long), mask], dim=1)
+    positions = (past + torch.arange(width)).unsqueeze(0).expand(batch, -1)
+    return model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=_cache(kv, batch),
+                 use_cache=kv is not None, output_hidden_states=hidden)
+
+
+def target_logits(logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
+    """Rows of `logits` (B, S, V) that predict target tokens, in order: (N, V)."""
+    picks = [logits[i, j - 1] for i, s in enumerate(seqs) for j in range(1, len(s.ids)) if s.target[j]]
+    return torch.stack(picks) if picks else logits.new_zeros((0, logits.shape[-1]))
+
+
+def target_ids(seqs: list[Seq]) -> torch.Tensor:
+    return torch.tensor([s.ids[j] for s in seqs for j in range(1, len(s.ids)) if s.target[j]], dtype=torch.long)
+
+
+def kl_per_token(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the full vocabulary, one value per row, in fp32."""
+    lt = F.log_softmax(teacher.float(), dim=-1)
+    ls = F.log_softmax(student.float(), dim=-1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+def eos_ids(model, tok) -> set[int]:
+    ids = {tok.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    ids.discard(None)
+    return ids
+
+
+@torch.no_grad()
+def generate(model, tok, kv: KV | None, prompts: list[list[int]], n: int, max_new: int, temperature: float,
+             top_p: float, generator: torch.Generator) -> list[list[int]]:
+    """`n` sampled continuations per prompt (greedy when temperature is 0), each without its end token.
+    Prompts are left-padded inside the suffix; positions follow the mask so padding changes nothing."""
+    rows = [p for p in prompts for _ in range(n)]
+    batch, width = len(rows), max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    ids = torch.full((batch, width), pad, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    past = 0 if kv is None else kv[0][0].shape[2]
+    attention = torch.cat([torch.ones((batch, past), dtype=torch.long), mask], dim=1)
+    positions = past + (mask.cumsum(1) - 1).clamp(min=0)
+    cache = _cache(kv, batch) or DynamicCache()
+    stops = eos_ids(model, tok)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    alive = torch.ones(batch, dtype=torch.bool)
+    for _ in range(max_new):
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        nxt = _sample(logits, temperature, top_p, generator)
+        for i in torch.nonzero(alive).flatten().tolist():
+            t = int(nxt[i])
+            if t in stops:
+                alive[i] = False
+            else:
+                out[i].append(t)
+        if not alive.any():
+            break
+        ids = nxt.unsqueeze(1)
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+        positions = positions[:, -1:] + 1
+    return out
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scaled = logits / temperature
+    # Only the head of the distribution can fall inside top_p: sorting 256 candidates instead of the whole
+    # vocabulary made sampling 4x cheaper than the decode step it belongs to. Probabilities stay exact.
+    top, order = scaled.topk(min(256, scaled.shape[-1]), dim=-1)
+    sorted_p = (top - scaled.logsumexp(-1, keepdim=True)).exp()
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def mlps(model) -> list:
+    return [layer.mlp for layer in model.model.layers]
+
+
+@contextmanager
+def channel_hook(model, fn: Callable[[int, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Call fn(layer, h) on every layer's act(gate)*up product (the input of down_proj); a returned tensor
+    replaces it. Hooks are removed on exit."""
+    handles = []
+    for i, mlp in enumerate(mlps(model)):
+        def pre(module, args, i=i):
+            new = fn(i, args[0])
+            return None if new is None else (new,)
+        handles.append(mlp.down_proj.register_forward_pre_hook(pre))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batches(items: list, size: int, rng: torch.Generator) -> Iterator[list]:
+    """Endless shuffled batches (reshuffled each epoch, seeded)."""
+    while True:
+        order = torch.randperm(len(items), generator=rng).tolist()
+        for i in range(0, len(order) - size + 1 if len(order) >= size else 1, size):
+            yield [items[j] for j in order[i:i + size]]
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)

@@ -1,0 +1,165 @@
+"""The pruning pipeline of one character: calibration → selection → heal → shrink → evaluate.
+
+`RosterContext` holds what a whole build shares: the dense model (the teacher, the frozen model the mask is
+learned on, and the judge), the corpora, the built-in contrast personas, and caches (reference hidden states,
+judge prompt caches). Make it once per build with `RosterContext.create` and pass it as `roster`; a plain list
+of characters (or a `Roster`) works too and builds a context for this call only.
+
+`prune_character` is a plain function: the `npcforge build` command calls it per character.
+Input: a `Character`, the roster, a `BaseModel`, a `BuildConfig`, a work folder, an optional progress callback
+(called with one line of text per step). Output: `PruneResult` (see docs/internals.md), with the stock HF
+checkpoint at `workdir/checkpoint`. Seeded: the same inputs give the same checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from builder import lm
+from builder.basemodel import BaseModel, load_model
+from builder.calibration import (Calibration, Persona, calibrate, judge_prompt, load_paragraphs, load_queries,
+                                 load_reference_personas, persona_seqs, references)
+from builder.cards import Character, substitute
+from builder.config import BuildConfig, round_channels
+from builder.evaluate import evaluate, gate
+from builder.heal import heal
+from builder.judge import PersonaJudge
+from builder.selection import SelectionData, select_channels
+from builder.shrink import save_checkpoint, slice_ffn
+
+log = logging.getLogger(__name__)
+GENERIC_METHODS = ("magnitude", "wanda-sp", "taylor")
+# Settings that change builder.calibration's output (the rest only change later stages).
+CALIBRATION_FIELDS = ("seed", "query_pool", "n_train_queries", "n_heldout_queries", "n_card_questions",
+                      "teacher_candidates", "teacher_max_tokens", "teacher_temperature", "teacher_top_p",
+                      "teacher_url", "teacher_model", "sensitivity_band", "n_reference_personas", "judge_references",
+                      "teacher_max_repetition", "forward_batch", "generation_rows", "user_name")
+
+
+@dataclass
+class RosterContext:
+    base: BaseModel
+    model: Any  # the dense model in the training dtype, eval mode, never modified
+    tok: Any
+    characters: list[Character]
+    builtin_personas: list[Persona]
+    queries: list[str]  # the generic player utterances
+    generic_train: list[str]  # generic paragraphs the baselines calibrate and heal on
+    generic_eval: list[str]  # generic paragraphs held back for the generic perplexity
+    judge: PersonaJudge
+    hidden_cache: dict = field(default_factory=dict)  # (prompt, layers) -> {query: last-token states}
+    calibrations: dict = field(default_factory=dict)  # (character id, calibration settings) -> Calibration
+    dense_evals: dict = field(default_factory=dict)  # dense-side evaluation results, shared by every method
+    cpu_seconds: float = 0.0  # spent making the context (loading the model)
+
+    @classmethod
+    def create(cls, characters: list[Character], base: BaseModel, config: BuildConfig) -> "RosterContext":
+        start = time.process_time()
+        lm.set_threads(config.threads)
+        dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+        model, tok = load_model(base, dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        paragraphs = load_paragraphs()
+        n_eval = min(config.n_generic_eval, len(paragraphs) // 2)
+        ctx = cls(base, model, tok, list(characters), load_reference_personas(), load_queries(),
+                  paragraphs[:len(paragraphs) - n_eval], paragraphs[len(paragraphs) - n_eval:],
+                  PersonaJudge(model, tok, config.forward_batch))
+        ctx.cpu_seconds = time.process_time() - start
+        return ctx
+
+
+@dataclass
+class PruneResult:
+    checkpoint: Path
+    kept_channels: list[list[int]]
+    metrics: dict
+    passed_gate: bool
+    gate_reasons: list[str]
+    samples: list[dict]
+    cpu_seconds: float
+
+
+def generic_seqs(tok, paragraphs: list[str], n: int, max_len: int) -> lm.SeqSet:
+    return lm.SeqSet([], [lm.text_seq(tok, p, max_len) for p in paragraphs[:n]])
+
+
+def example_seqs(tok, character: Character, config: BuildConfig) -> lm.SeqSet:
+    """The card's example dialogues under an empty system prompt: perplexity on them cannot come from copying."""
+    out = lm.SeqSet(lm.chat_seq(tok, "", [])[0])
+    for d in character.examples:
+        turns = [("user" if t.role == "user" else "assistant", substitute(t.text, character.name, config.user_name))
+                 for t in d]
+        if turns and turns[0][0] == "user" and any(r == "assistant" for r, _ in turns):
+            out.seqs.append(lm.chat_seq(tok, "", turns)[1])
+    return out
+
+
+def _context(roster: Any, base: BaseModel, config: BuildConfig) -> RosterContext:
+    if isinstance(roster, RosterContext):
+        return roster
+    characters = getattr(roster, "characters", roster)
+    return RosterContext.create(list(characters), base, config)
+
+
+def prune_character(character: Character, roster: Any, base: BaseModel, config: BuildConfig, workdir: Path,
+                    progress: Callable[[str], None] | None = None) -> PruneResult:
+    say = progress or (lambda _m: None)
+    start = time.process_time()
+    ctx = _context(roster, base, config)
+    if all(c.id != character.id for c in ctx.characters):
+        ctx.characters.append(character)
+    lm.set_threads(config.threads)
+    torch.manual_seed(config.seed)
+    tok, pad = ctx.tok, ctx.tok.pad_token_id
+
+    key = (character.id, character.card_sha256, *(getattr(config, f) for f in CALIBRATION_FIELDS))
+    if key not in ctx.calibrations:  # several widths or methods of one character share their calibration data
+        ctx.calibrations[key] = calibrate(character, ctx, config, say)
+    cal: Calibration = ctx.calibrations[key]
+    rng = random.Random(config.seed)
+    persona = persona_seqs(tok, cal, character, config, rng)
+    generic = generic_seqs(tok, ctx.generic_train, config.n_generic_calibration, config.max_seq_len)
+    n_channels = ctx.model.config.intermediate_size
+    k = round_channels(n_channels, config.ffn_keep, config.channel_multiple)
+
+    say(f"selection: {config.method}, keeping {k} of {n_channels} FFN channels per layer")
+    kept = select_channels(config.method, ctx.model, SelectionData(persona, generic), k, config, pad)
+
+    say(f"heal: {config.heal_steps} distillation steps")
+    student, _ = load_model(base, torch.float32)
+    slice_ffn(student, kept)
+    heal_data = config.heal_data if config.heal_data != "auto" else (
+        "generic" if config.method in GENERIC_METHODS else "persona")
+    heal_stats = heal(student, ctx.model, persona if heal_data == "persona" else generic, config, pad)
+
+    say("shrink: writing the checkpoint")
+    checkpoint = save_checkpoint(student, base.path, Path(workdir) / "checkpoint")
+
+    say(f"evaluate: {len(cal.heldout)} held-out queries, dense vs pruned")
+    pruned = copy.deepcopy(student).to(ctx.model.dtype)
+    # the judge tells the character from the same reference personas the sensitivity filter contrasted it with
+    others = [judge_prompt(r, config.user_name) for r in references(character, ctx, config.n_reference_personas)]
+    n_eval_generic = len(ctx.generic_eval)
+    metrics = evaluate(ctx.model, pruned, tok, ctx.judge, cal.system, others,
+                       [(e.query, e.answers[0]) for e in cal.heldout], example_seqs(tok, character, config),
+                       generic_seqs(tok, ctx.generic_eval, n_eval_generic, config.max_seq_len), config,
+                       config.forward_batch, ctx.dense_evals)
+    passed, reasons = gate(metrics, config)
+    samples = metrics.pop("samples")
+    cpu = time.process_time() - start
+    metrics.update({"method": config.method, "ffn_keep": config.ffn_keep, "intermediate_size": k,
+                    "base_intermediate_size": n_channels, "heal_data": heal_data,
+                    "params_dense": sum(p.numel() for p in ctx.model.parameters()),
+                    "params_pruned": sum(p.numel() for p in student.parameters()),
+                    "calibration": cal.stats, "heal": heal_stats, "cpu_seconds": cpu})
+    if not passed:
+        log.warning("%s failed the quality gate: %s", character.id, "; ".join(reasons))
+    return PruneResult(checkpoint, [k_.tolist() for k_ in kept], metrics, passed, reasons, samples, cpu)

@@ -1,0 +1,201 @@
+"""builder.export: the fused ONNX graph against torch (prompt, one-token decode, follow-up prefill), quantisation
+packing against MatMulNBits itself, external-data layout, architectures (Llama, Qwen2 biases, Mistral window)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from builder.config import BuildConfig
+from builder.export import (BIG_ALIGN, ExportError, dequantize_blocks, export_onnx, quantize_blocks)
+from tests.slicing import slice_ffn
+
+
+def _session(model_file: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(model_file), so, providers=["CPUExecutionProvider"])
+
+
+def _run(sess: ort.InferenceSession, ids: np.ndarray, past: dict | None, past_len: int) -> tuple[np.ndarray, dict]:
+    names = [o.name for o in sess.get_outputs()]
+    feed = {"input_ids": ids, "attention_mask": np.ones((1, past_len + ids.shape[1]), np.int64)}
+    for i in sess.get_inputs()[2:]:
+        feed[i.name] = past[i.name] if past else np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    out = dict(zip(names, sess.run(None, feed)))
+    return out["logits"], {k.replace("present.", "past_key_values."): v for k, v in out.items() if k != "logits"}
+
+
+def _compare_three_modes(checkpoint: Path, model_file: Path, n: int = 30) -> tuple[float, float]:
+    """Prompt of 20, follow-up prefill of 6 on top, then 4 single-token steps; returns (max diff, top-1 share)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = np.random.RandomState(0).randint(3, 500, size=(1, n)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)).logits.numpy()[0]
+    sess = _session(model_file)
+    diffs, agree = [], []
+    logits, past = _run(sess, ids[:, :20], None, 0)
+    assert logits.shape == (1, 1, ref.shape[-1])
+    assert past["past_key_values.0.key"].shape[2] == 20
+    steps = [(20, 26)] + [(t, t + 1) for t in range(26, n)]
+    checks = [(logits, 19)]
+    for a, b in steps:
+        logits, past = _run(sess, ids[:, a:b], past, a)
+        assert past["past_key_values.1.value"].shape[2] == b
+        checks.append((logits, b - 1))
+    for logits, pos in checks:
+        diffs.append(float(np.abs(logits[0, 0] - ref[pos]).max()))
+        agree.append(int(logits[0, 0].argmax() == ref[pos].argmax()))
+    return max(diffs), float(np.mean(agree))
+
+
+def test_fp32_matches_torch_prompt_decode_and_followup(tiny_base: Path, tmp_path: Path) -> None:
+    result = export_onnx(tiny_base, tmp_path, BuildConfig(precision="fp32"))
+    diff, agree = _compare_three_modes(tiny_base, result.model_file)
+    assert diff < 1e-4 and agree == 1.0
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantised_exports_stay_close(tiny_base: Path, tmp_path: Path, precision: str) -> None:
+    result = export_onnx(tiny_base, tmp_path, BuildConfig(precision=precision))
+    ops = {n.op_type for n in __import__("onnx").load(str(result.model_file), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops and "MatMul" not in ops
+    diff, agree = _compare_three_modes(tiny_base, result.model_file)
+    # the tiny random model's logits span about +-3: int8 moves them by a few hundredths, int4 by tenths
+    assert diff < (0.15 if precision == "int8" else 1.0)
+    assert agree >= (0.8 if precision == "int8" else 0.5)
+    fp32_size = export_onnx(tiny_base, tmp_path / "fp32", BuildConfig(precision="fp32")).data_file.stat().st_size
+    assert result.data_file.stat().st_size < fp32_size
+
+
+@pytest.mark.parametrize("bits,k,block", [(8, 96, 32), (4, 96, 32), (4, 80, 32), (8, 40, 16), (4, 64, 64)])
+def test_block_packing_is_what_matmulnbits_computes(bits: int, k: int, block: int) -> None:
+    """accuracy_level 0 computes in fp32 from the dequantised weight: ours must be exactly that weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(bits * k)
+    n = 24
+    w = rng.randn(n, k).astype(np.float32)
+    packed, scales, zp = quantize_blocks(w, bits, block)
+    deq = dequantize_blocks(packed, scales, zp, bits, k)
+    assert np.abs(deq - w).max() <= scales.max() * 0.5 + 1e-6  # round-to-nearest within half a step
+    node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                              [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s"),
+                               numpy_helper.from_array(zp, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.randn(3, k).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+def test_external_data_layout_and_hashes(tiny_base: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    result = export_onnx(tiny_base, tmp_path, BuildConfig(precision="int8"))
+    raw = result.data_file.read_bytes()
+    assert raw and len(result.tensors) > 10
+    for t in result.tensors:
+        assert t.offset % (BIG_ALIGN if t.length >= BIG_ALIGN else 64) == 0
+        assert hashlib.sha256(raw[t.offset:t.offset + t.length]).hexdigest() == t.sha256
+    names = {t.name for t in result.tensors if t.shared}
+    # tied + quantised: one int8 vocabulary table serves the embedding and the lm_head; no fp32 copy
+    assert {"model.embed_tokens.qweight", "rotary.cos_cache"} <= names and "model.embed_tokens.weight" not in names
+    assert not any(".mlp." in n for n in names)
+    fp32 = export_onnx(tiny_base, tmp_path / "fp32", BuildConfig(precision="fp32"))
+    emb = next(t for t in fp32.tensors if t.name == "model.embed_tokens.weight")
+    table = np.frombuffer(fp32.data_file.read_bytes(), np.float32, count=emb.shape[0] * emb.shape[1],
+                          offset=emb.offset)
+    from safetensors.numpy import load_file
+    np.testing.assert_array_equal(table.reshape(emb.shape), load_file(tiny_base / "model.safetensors")[
+        "model.embed_tokens.weight"])
+
+
+def test_shared_tensors_identical_across_pruned_characters(tiny_base: Path, tmp_path: Path) -> None:
+    a, _ = slice_ffn(tiny_base, tmp_path / "a", keep=64, seed=1)
+    b, _ = slice_ffn(tiny_base, tmp_path / "b", keep=64, seed=2)
+    ra = export_onnx(a, tmp_path / "ea", BuildConfig(precision="int8"))
+    rb = export_onnx(b, tmp_path / "eb", BuildConfig(precision="int8"))
+    sa = {t["name"]: t["sha256"] for t in ra.shared_tensors()}
+    sb = {t["name"]: t["sha256"] for t in rb.shared_tensors()}
+    assert sa == sb
+    ffn_a = {t.name: t.sha256 for t in ra.tensors if not t.shared}
+    ffn_b = {t.name: t.sha256 for t in rb.tensors if not t.shared}
+    assert ffn_a.keys() == ffn_b.keys() and ffn_a != ffn_b
+    assert ra.shapes["intermediate_size"] == 64
+    diff, agree = _compare_three_modes(a, export_onnx(a, tmp_path / "fa", BuildConfig(precision="fp32")).model_file)
+    assert diff < 1e-4 and agree == 1.0
+
+
+def _tiny_other(tmp_path: Path, kind: str) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=8))
+    else:  # llama with llama3 rope scaling and attention biases
+        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    if kind == "mistral":
+        model.config._attn_implementation = "eager"
+    model.save_pretrained(tmp_path / kind, safe_serialization=True)
+    return tmp_path / kind
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama3-rope-bias"])
+def test_other_architectures_match_torch(tmp_path: Path, kind: str) -> None:
+    ckpt = _tiny_other(tmp_path, kind)
+    result = export_onnx(ckpt, tmp_path / "onnx", BuildConfig(precision="fp32"))
+    diff, agree = _compare_three_modes(ckpt, result.model_file)
+    assert diff < 1e-4 and agree == 1.0
+
+
+def test_unsupported_architecture_is_refused(tiny_base: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "gpt"
+    ckpt.mkdir()
+    cfg = json.loads((tiny_base / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=r"config\.json: architectures .*GPT2LMHeadModel"):
+        export_onnx(ckpt, tmp_path / "out", BuildConfig())
+
+
+@pytest.mark.parametrize("bits,k", [(8, 96), (4, 96), (4, 80), (8, 80)])
+def test_quantised_embedding_rows_equal_the_lm_head_blocks(tmp_path: Path, bits: int, k: int) -> None:
+    """The tied embedding is read from the lm_head's MatMulNBits tensors: its rows must dequantise exactly."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from builder.export import _dequant_rows, _Graph
+
+    w = np.random.RandomState(k).randn(50, k).astype(np.float32)
+    packed, scales, zp = quantize_blocks(w, bits, 32)
+    with open(tmp_path / "d.bin", "wb") as f:
+        g = _Graph(f, "d.bin")
+        names = [g.weight("q", packed, True), g.weight("s", scales.reshape(50, -1), True), g.weight("z", zp, True)]
+        out = _dequant_rows(g, names, "ids", bits, 32, k)
+    g.nodes[-1].output[0] = "rows"
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)], g.inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    ids = np.array([[0, 7, 49, 7]], np.int64)
+    rows = _session(tmp_path / "m.onnx").run(None, {"ids": ids})[0]
+    assert out and rows.shape == (1, 4, k)
+    np.testing.assert_array_equal(rows[0], dequantize_blocks(packed, scales, zp, bits, k)[ids[0]])
