@@ -6,9 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DIST   ?= dist
-APT_PACKAGES := chromium mono-mcs mono-runtime g++
 
-.PHONY: install system-deps demo test test-fast bench clean
+.PHONY: install system-deps demo test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +41,13 @@ test-fast: install
 demo: install
 	$(BIN)/npcforge model fetch
 	$(BIN)/npcforge validate characters/
+	@echo "== the dense base model, in character (a preview before pruning) =="
 	$(BIN)/npcforge model ask --character characters/magda.yaml "What can you forge for me?"
+	@echo "== building the roster (fast preset; exit 1 = some character failed its quality gate, see the summary) =="
+	$(BIN)/npcforge build characters/ -o $(DIST) --preset fast --jobs 2; [ $$? -le 1 ]
+	$(BIN)/npcforge inspect $(DIST)/magda
+	BIN=$(BIN) scripts/demo_conversation.sh $(DIST) magda rosie
+	@echo "== open $(DIST)/report.html in a browser for the build report =="
 
 clean:
 	rm -rf $(DIST) .pytest_cache

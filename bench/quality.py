@@ -29,7 +29,7 @@ from builder.basemodel import ensure_base_model  # noqa: E402
 from builder.cards import load_roster  # noqa: E402
 from builder.config import METHODS, resolve_config  # noqa: E402
 from builder.evaluate import drop_reduction  # noqa: E402
-from builder.prune import RosterContext, prune_character  # noqa: E402
+from builder.prune import GENERIC_METHODS, RosterContext, prune_character  # noqa: E402
 
 DEFAULT_METHOD = "persona-pruner"
 COLUMNS = [("kl", "KL", "{:.3f}"), ("top1_agreement", "top1", "{:.3f}"), ("ce_pruned", "CE", "{:.3f}"),
@@ -99,14 +99,16 @@ def summarise(rows: list[dict]) -> list[dict]:
         means = {m: {k: sum(float(r[k]) for r in rs) / len(rs) for k in rs[0]
                      if isinstance(rs[0][k], (int, float)) and not isinstance(rs[0][k], bool)}
                  for m, rs in by_method.items()}
-        baselines = [m for m in means if m != DEFAULT_METHOD]
-        entry = {"keep": keep, "means": means}
-        if DEFAULT_METHOD in means and baselines:
-            best = min(baselines, key=lambda m: means[m]["kl"])
-            ours = means[DEFAULT_METHOD]
-            entry["strongest_baseline"] = best
-            entry["drop_reduction"] = {k: drop_reduction(f(ours), ours[k], means[best][k])
-                                       for k, f in DROP_METRICS.items() if k in ours}
+        entry: dict = {"keep": keep, "means": means}
+        ours = means.get(DEFAULT_METHOD)
+        # all baselines, and the generic ones alone (persona-activation is this method's own initial score)
+        for label, pool in (("", [m for m in means if m != DEFAULT_METHOD]),
+                            ("_generic", [m for m in means if m in GENERIC_METHODS])):
+            if ours and pool:
+                best = min(pool, key=lambda m: means[m]["kl"])
+                entry[f"strongest{label}_baseline"] = best
+                entry[f"drop_reduction{label}"] = {k: drop_reduction(f(ours), ours[k], means[best][k])
+                                                   for k, f in DROP_METRICS.items() if k in ours}
         out.append(entry)
     return out
 
@@ -132,9 +134,12 @@ def print_tables(result: dict) -> None:
               + "---|" * (len(keys) + 1))
         for m, v in s["means"].items():
             print(f"| {m} | " + " | ".join(fmt.format(v[k]) for k, _, fmt in COLUMNS if k in keys) + " |")
-        if "drop_reduction" in s:
-            dr = ", ".join(f"{k} {v:.0%}" if v is not None else f"{k} n/a" for k, v in s["drop_reduction"].items())
-            print(f"drop reduction of {DEFAULT_METHOD} vs strongest baseline ({s['strongest_baseline']}): {dr}")
+        for label in ("", "_generic"):
+            if f"drop_reduction{label}" in s:
+                dr = ", ".join(f"{k} {v:.0%}" if v is not None else f"{k} n/a"
+                               for k, v in s[f"drop_reduction{label}"].items())
+                print(f"drop reduction of {DEFAULT_METHOD} vs strongest{label.replace('_', ' ')} baseline "
+                      f"({s[f'strongest{label}_baseline']}): {dr}")
     if result["budget_curve"]:
         print(f"\nBudget curve ({DEFAULT_METHOD})\n| character | heal steps | KL | judge | rep | CPU-s |")
         print("|---|---|---|---|---|---|")

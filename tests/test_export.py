@@ -199,3 +199,21 @@ def test_quantised_embedding_rows_equal_the_lm_head_blocks(tmp_path: Path, bits:
     rows = _session(tmp_path / "m.onnx").run(None, {"ids": ids})[0]
     assert out and rows.shape == (1, 4, k)
     np.testing.assert_array_equal(rows[0], dequantize_blocks(packed, scales, zp, bits, k)[ids[0]])
+
+
+@pytest.mark.slow
+def test_real_base_model_default_export_is_faithful(tmp_path: Path, roster_dir: Path) -> None:
+    """SmolLM2-135M at the default precision: verification passes and the file is < 0.3x the fp32 weights."""
+    from builder.artifact import chat_template, probe_prompts
+    from builder.basemodel import ensure_base_model
+    from builder.cards import load_character
+    from builder.config import resolve_config
+    from builder.verify import verify_export
+
+    base = ensure_base_model()
+    config = resolve_config("default", {"threads": 1})
+    result = export_onnx(base.path, tmp_path, config)
+    prompts = probe_prompts(load_character(roster_dir / "magda.yaml"), chat_template(base.path), config)
+    verification = verify_export(base.path, result.model_file, prompts, config)
+    assert verification.passed and verification.top1_agreement >= 0.9, verification
+    assert result.data_file.stat().st_size < 0.3 * (base.path / "model.safetensors").stat().st_size
