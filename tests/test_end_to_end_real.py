@@ -1,8 +1,12 @@
-"""The whole product on the real default model: build one sample character with the fast preset, inspect the
-artifact, and hold a conversation with it through the runtime. Slow (a few CPU-minutes): marked `slow`."""
+"""The whole product on the real default model: build one sample character, inspect the artifact, and hold a
+conversation with it through the runtime. Slow: marked `slow`.
+
+To fit CI, the character's own `build:` section (the per-character override path) shrinks the fast preset's data
+and step budgets further; `make demo` builds the whole roster at the fast preset itself."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +20,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def real_dist(tmp_path_factory):
     dist = tmp_path_factory.mktemp("real-dist")
-    proc = subprocess.run([sys.executable, "-m", "npcforge", "build", str(ROOT / "characters"), "-o", str(dist),
+    roster = tmp_path_factory.mktemp("real-roster")
+    shutil.copy(ROOT / "characters" / "magda.yaml", roster)
+    shutil.copy(ROOT / "characters" / "rosie.yaml", roster)  # a second persona for the sensitivity filter and judge
+    with open(roster / "magda.yaml", "a") as f:
+        f.write("build:\n  query_pool: 32\n  n_train_queries: 8\n  n_heldout_queries: 8\n  n_card_questions: 2\n"
+                "  multi_turn_sequences: 8\n  mask_steps: 4\n  heal_steps: 4\n  teacher_max_tokens: 32\n")
+    proc = subprocess.run([sys.executable, "-m", "npcforge", "build", str(roster), "-o", str(dist),
                            "--only", "magda", "--preset", "fast", "--json"],
                           capture_output=True, text=True, timeout=1500)
     # Exit 1 is a character that failed its quality gate: the artifact is still installed and says why.
@@ -32,6 +42,7 @@ def test_build_writes_a_verified_smaller_artifact(real_dist):
     assert model["num_layers"] == 30 and model["intermediate_size"] < model["base_intermediate_size"] == 1536
     assert model["intermediate_size"] % 16 == 0
     assert manifest["verification"]["passed"] is True
+    assert manifest["builder"]["config"]["n_heldout_queries"] == 8  # the card's build: section was applied
     quality = manifest["quality"]
     for key in ("kl", "judge_accuracy_dense", "judge_accuracy_pruned", "repetition_pruned", "ppl_generic_pruned"):
         assert key in quality, key
