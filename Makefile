@@ -43,8 +43,8 @@ demo: install
 	$(BIN)/npcforge validate characters/
 	@echo "== the dense base model, in character (a preview before pruning) =="
 	$(BIN)/npcforge model ask --character characters/magda.yaml "What can you forge for me?"
-	@echo "== building the roster (fast preset; exit 1 = some character failed its quality gate, see the summary) =="
-	$(BIN)/npcforge build characters/ -o $(DIST) --preset fast --jobs 2; [ $$? -le 1 ]
+	@echo "== building $(or $(DEMO_ONLY),the roster) (fast preset; exit 1 = some character failed its quality gate, see the summary) =="
+	$(BIN)/npcforge build characters/ -o $(DIST) --preset fast --jobs 2 $(DEMO_ONLY); [ $$? -le 1 ]
 	$(BIN)/npcforge inspect $(DIST)/magda
 	BIN=$(BIN) scripts/demo_conversation.sh $(DIST) magda rosie
 	@echo "== open $(DIST)/report.html in a browser for the build report =="

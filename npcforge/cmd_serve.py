@@ -59,7 +59,7 @@ def _write_atomic(path: Path, record: dict[str, Any]) -> None:
 @click.option("--host", help="Address to bind (default 127.0.0.1). Non-loopback requires --token.")
 @click.option("--token", envvar="NPCFORGE_TOKEN", help="Clients must send this token (env NPCFORGE_TOKEN).")
 @click.option("--memory-budget", type=click.FloatRange(min=1), metavar="MB", help="Model memory allowed (LRU).")
-@click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per model call (default 1: one reply per core decodes faster in aggregate).")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write {pid, tcp, unix, http, characters} as JSON here once listening.")
 def serve(dist: Path, port: int | None, socket_path: str | None, http_port: int | None, host: str | None,
