@@ -212,6 +212,8 @@ def _interactive(client: Any, characters: dict[str, dict], character: str, sessi
         line = line.strip()
         if not line:
             continue
+        if not sys.stdin.isatty():
+            click.echo(line)  # a scripted conversation reads like a typed one
         if line.startswith("/"):
             cmd, _, arg = line.partition(" ")
             arg = arg.strip()
