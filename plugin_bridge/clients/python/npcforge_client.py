@@ -25,6 +25,20 @@ DEFAULT_PORT = 7411
 log = logging.getLogger("npcforge_client")
 
 
+
+def _route(line: bytes, queues: dict[Any, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """The queue of the request an event line answers, and the event; None (logged) for anything else."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        log.warning("server sent a line that is not JSON: %r", line[:200])
+        return None
+    q = queues.get(event.get("id")) if isinstance(event, dict) else None
+    if q is None:
+        log.warning("event for no request in flight: %s", str(event)[:300])
+        return None
+    return q, event
+
 class BridgeError(Exception):
     """An `error` event from the server (`code` as in docs/protocol.md), or the connection was lost (`closed`)."""
 
@@ -128,16 +142,9 @@ class Client:
         f = self._sock.makefile("rb")
         try:
             for line in f:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    log.warning("server sent a line that is not JSON: %r", line[:200])
-                    continue
-                q = self._queues.get(event.get("id")) if isinstance(event, dict) else None
-                if q is None:
-                    log.warning("event for no request in flight: %s", str(event)[:300])
-                else:
-                    q.put(event)
+                routed = _route(line, self._queues)
+                if routed:
+                    routed[0].put(routed[1])
         except OSError:
             pass
         finally:
@@ -282,16 +289,9 @@ class AsyncClient:
     async def _read_loop(self) -> None:
         try:
             while line := await self._reader.readline():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    log.warning("server sent a line that is not JSON: %r", line[:200])
-                    continue
-                q = self._queues.get(event.get("id")) if isinstance(event, dict) else None
-                if q is None:
-                    log.warning("event for no request in flight: %s", str(event)[:300])
-                else:
-                    q.put_nowait(event)
+                routed = _route(line, self._queues)
+                if routed:
+                    routed[0].put_nowait(routed[1])
         except (OSError, ValueError):  # ValueError: a line over the reader's limit
             pass
         finally:
