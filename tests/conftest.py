@@ -38,6 +38,16 @@ def tiny_dist(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, roster_
     return dist
 
 
+@pytest.fixture(scope="module")
+def pool(tiny_dist: Path):
+    """A runtime pool over the tiny artifacts, one per test module (one thread: tests run side by side)."""
+    from runtime import NPCPool
+
+    p = NPCPool(tiny_dist, threads=1)
+    yield p
+    p.close()
+
+
 @pytest.fixture()
 def tmp_roster(tmp_path: Path, roster_dir: Path) -> Path:
     """A writable copy of the sample roster."""

@@ -4,23 +4,14 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
 from plugin_bridge.server import ThreadedServer
-from runtime import NPCPool
 from tests.bridge_util import RawConn, SlowPool, wait_for
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck suite
-
-
-@pytest.fixture(scope="module")
-def pool(tiny_dist: Path):
-    p = NPCPool(tiny_dist, threads=1)
-    yield p
-    p.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,9 @@ from plugin_bridge.protocol import ERROR_CODES, OPS, ProtocolError, ServerConfig
 from plugin_bridge.sentences import SentenceSplitter
 from plugin_bridge.server import ThreadedServer
 from plugin_bridge.service import Bridge, Generation
-from runtime import NPCPool
 from tests.bridge_util import SCHEMA, RawConn, SlowPool, is_valid_request, wait_for
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck suite
-
-
-@pytest.fixture(scope="module")
-def pool(tiny_dist: Path):
-    p = NPCPool(tiny_dist, threads=1)
-    yield p
-    p.close()
 
 
 @pytest.fixture(scope="module")

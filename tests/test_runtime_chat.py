@@ -13,12 +13,6 @@ GREEDY = dict(temperature=0, repetition_penalty=1.5)
 TURNS = ["Hello there! Who are you?", "What do you know about the caravan?", "Thanks. Anything else?"]
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_dist: Path):
-    with NPCPool(tiny_dist, threads=1) as p:
-        yield p
-
-
 def ids(pool: NPCPool) -> list[str]:
     return [c["id"] for c in pool.characters()]
 

@@ -22,12 +22,6 @@ def dist(tmp_path: Path, tiny_dist: Path) -> Path:
     return Path(shutil.copytree(tiny_dist, tmp_path / "dist"))
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_dist: Path):
-    with NPCPool(tiny_dist, threads=1) as p:
-        yield p
-
-
 def test_import_without_torch_or_transformers():
     code = ("import sys\n"
             "for m in ('torch', 'transformers', 'onnx'): sys.modules[m] = None\n"
