@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> dict:
                 curve.append({"character": ch.id, "heal_steps": steps, "kl": r.metrics["kl"],
                               "judge_accuracy_pruned": r.metrics["judge_accuracy_pruned"],
                               "repetition_pruned": r.metrics["repetition_pruned"], "cpu_seconds": r.cpu_seconds})
+                if args.rows:
+                    with open(args.rows, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"budget_curve": True, **curve[-1]}) + "\n")
     return {"preset": args.preset, "overrides": overrides, "characters": [c.id for c in chosen], "rows": rows,
             "summary": summarise(rows), "budget_curve": curve, "roster_context_cpu_seconds": ctx.cpu_seconds}
 

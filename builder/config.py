@@ -80,7 +80,6 @@ class BuildConfig:
     # --- machine ---
     threads: int = 0  # torch threads; 0 = all cores
     dtype: str = "bf16"  # training precision on CPU (FACTS 4c: 1.65x faster than fp32)
-    device: str = "cpu"
     user_name: str = "Traveler"  # what {{user}} becomes in prompts
 
     def __post_init__(self) -> None:
@@ -90,10 +89,9 @@ class BuildConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of every setting that changes the artifact (threads and device do not)."""
+        """Hash of every setting that changes the artifact (threads do not)."""
         d = self.to_dict()
-        for k in ("threads", "device"):
-            d.pop(k)
+        d.pop("threads")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -131,8 +129,6 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"heal_scope: {c.heal_scope!r} is not 'ffn' or 'all'")
     if c.dtype not in ("bf16", "fp32"):
         raise ConfigError(f"dtype: {c.dtype!r} is not 'bf16' or 'fp32'")
-    if c.device not in ("cpu", "cuda"):
-        raise ConfigError(f"device: {c.device!r} is not 'cpu' or 'cuda'")
     for name in ("n_train_queries", "n_heldout_queries", "teacher_candidates", "teacher_max_tokens",
                  "mask_batch", "heal_batch", "max_seq_len", "channel_multiple", "quant_block_size",
                  "verify_prompts", "verify_tokens"):

@@ -21,11 +21,10 @@ from npcforge.ui import Failed, emit_json
 @click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), help="Weight precision of the ONNX model.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="A local HF folder instead of the default.")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Characters built in parallel processes.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where pruning and healing run.")
 @click.option("--force", is_flag=True, help="Rebuild characters whose artifact is up to date.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_keep: float | None,
-          method: str | None, precision: str | None, base_model: str | None, jobs: int, device: str | None,
+          method: str | None, precision: str | None, base_model: str | None, jobs: int,
           force: bool, as_json: bool) -> None:
     """Build a pruned, exported, verified model for every character file in CHARDIR.
 
@@ -36,8 +35,8 @@ def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_
     from builder.build import BuildError, build_roster
     from builder.config import ConfigError, resolve_config
 
-    overrides: dict[str, Any] = {k: v for k, v in dict(ffn_keep=ffn_keep, method=method, precision=precision,
-                                                       device=device).items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in dict(ffn_keep=ffn_keep, method=method,
+                                                       precision=precision).items() if v is not None}
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
     try:

@@ -17,11 +17,12 @@ def _cores() -> int:
 class RuntimeConfig:
     # --- threads ---
     # Intra-op threads of one model call; 0 = all cores. Measured (bench/runtime.py, 2 cores): one thread per call
-    # and one worker per core beat 2-thread calls both for one conversation (44 vs 22 tok/s) and for 16 (40 vs 25).
+    # and one worker per core give 1.4x the total tok/s of 2-thread calls from 4 conversations on (125 vs 89 at 16);
+    # one conversation alone decodes faster with 2 threads (87 vs 69): a game talks to several NPCs.
     threads: int = 1
-    # One process-wide ORT thread pool for every session (FACTS 4) instead of one small pool per session. It binds
-    # the whole process: any other InferenceSession made later without use_per_session_threads=False fails (the
-    # builder's, a test's), so it is for processes where only the runtime uses ORT (`npcforge serve`).
+    # One process-wide ORT thread pool for every runtime session (FACTS 4) instead of one small pool per session.
+    # The first pool of the process fixes its size for all later ones, so it is for processes that hold one pool
+    # (`npcforge serve`); the builder's ORT sessions (the Python binding, another ORT instance) are not affected.
     global_thread_pool: bool = False
     workers: int = 0  # threads taking decoding steps round-robin; 0 = cores // threads, so calls never oversubscribe
 
@@ -29,13 +30,16 @@ class RuntimeConfig:
     memory_budget_mb: float | None = None  # estimated model memory allowed; None = no limit (no eviction)
     verify_hashes: bool = True  # sha256 of every manifest file before a character is served (cached per file stat)
     share_tensors: bool = True  # one memory-mapped copy of each `shared_tensors` entry for all sessions
-    # MLAS pre-packs MatMul weights into private per-session copies. MatMulNBits (int8/int4) without it decodes ~20x
-    # slower (dense int8 base: 1.1 vs 25.7 tok/s), so "auto" pre-packs quantised models and not fp32 ones, where the
-    # copies cost memory (FACTS 4: ~490 MB/session) for ~15 % speed. "on" | "off" force it; bench/runtime.py measures.
+    # MLAS pre-packs MatMul weights into copies it computes with. MatMulNBits (int8/int4) without it decodes ~20x
+    # slower (dense int8 base: 1.1 vs 25.7 tok/s), so "auto" pre-packs quantised models. Packed copies of shared
+    # weights are made once per process (runtime/ortc.py's container); a character's own packed FFN replaces its
+    # file's bytes (measured 1.0x). fp32 is not pre-packed: its packed copies cost ~490 MB/session (FACTS 4) for
+    # ~15 % speed. "on" | "off" force it; bench/runtime.py measures.
     prepacking: str = "auto"
-    prepack_factor: float = 1.4  # PSS of packed MatMulNBits copies / bytes of their weights (1.3-1.4 measured)
     session_overhead_mb: float = 8.0  # per-session ORT bookkeeping added to the file-size estimate for the budget
     graph_optimization: str = "all"  # "basic" | "extended" | "all": ORT graph optimisation level at load
+    # glibc's M_MMAP_THRESHOLD, fixed so freed large blocks go back to the OS (runtime/model.py); 0 leaves it alone
+    malloc_mmap_threshold_kb: int = 256
 
     # --- generation ---
     max_tokens: int = 128  # NPC replies are short; callers may ask for more
@@ -52,6 +56,10 @@ class RuntimeConfig:
 
     # --- conversations ---
     prefix_cache: bool = True  # prefill each character's system prompt (+ greeting) once and start every chat there
+    # Persona prefix caches kept (LRU over characters): ~22 MB per 500-token SmolLM2 persona, more than a pruned FFN's
+    # third of a character. 256 MB keeps a busy scene's ~11 speakers instant; a character whose cache was dropped
+    # prefills its persona with its next conversation's first turn (~0.7 s, 1 thread) and caches it again.
+    persona_cache_mb: float = 256.0
     reuse_kv: bool = True  # keep a conversation's KV between turns so a follow-up prefills only the new tokens
     kv_cache_mb: float = 256.0  # KV caches of idle conversations kept (LRU); an evicted one re-prefills its history
     max_context: int | None = None  # cap on the manifest's max_context (None = the manifest's value)
@@ -77,6 +85,8 @@ class RuntimeConfig:
             raise ValueError(f"RuntimeConfig.graph_optimization: {self.graph_optimization!r} is not basic|extended|all")
         if self.prepacking not in ("auto", "on", "off"):
             raise ValueError(f"RuntimeConfig.prepacking: {self.prepacking!r} is not auto|on|off")
+        if self.persona_cache_mb < 0:
+            raise ValueError(f"RuntimeConfig.persona_cache_mb: must not be negative, got {self.persona_cache_mb}")
         if self.kv_cache_mb < 0:
             raise ValueError(f"RuntimeConfig.kv_cache_mb: must not be negative, got {self.kv_cache_mb}")
         if not 0.1 <= self.overflow_target <= 1.0:

@@ -1,25 +1,27 @@
 """One character's model in memory: its ONNX Runtime session, tokenizer, template and persona prefix cache.
 
-`init_env(threads, global_pool)` sets up the process-wide ORT environment once: one shared arena allocator and,
-optionally, one global intra-op thread pool instead of a pool per session (FACTS §4: both keep per-session memory
-small; the global pool binds every ORT session of the process, so it is opt-in).
-`TensorShare` memory-maps each `shared_tensors` entry once (keyed by sha256) and hands the same OrtValue to every
-session through `SessionOptions.add_initializer`. `Model.load(artifact, config, share)` opens the session and
-prefills the persona prefix once; `Model.forward(ids, kv)` runs one step and returns the last position's logits and
-the cache (`KV`), updated in place in preallocated OrtValue buffers (or, with `kv_buffers=False`, as new arrays).
+Sessions run through ORT's C API (`runtime/ortc.py`), whose pre-packed weights container lets MLAS's packed copies
+of the weights every character shares with the base exist once per process (the Python binding cannot do that).
+`TensorShare` memory-maps each `shared_tensors` entry once (keyed by sha256), hands the same OrtValue to every
+session (`AddInitializer`) and owns the container; once a session has packed a shared weight, the mapped pages of
+the original are given back to the OS. `Model.load(artifact, config, share)` opens the session and prefills the
+persona prefix once; `Model.forward(ids, kv)` runs one step and returns the last position's logits and the cache
+(`KV`), updated in place in preallocated buffers (or, with `kv_buffers=False`, as new arrays).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from runtime import ortc
 from runtime.artifact import Artifact, SharedTensor, packed_weight_names, read_character, read_shared_tensor
 from runtime.config import RuntimeConfig
 from runtime.conversation import ChatTemplate, persona_ids
@@ -27,52 +29,69 @@ from runtime.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
-_env_lock = threading.Lock()
-_env: tuple[bool, int] | None = None  # (global thread pool in effect, its size)
+
+def init_env(threads: int, global_pool: bool, malloc_mmap_threshold_kb: int = 0) -> tuple[bool, int]:
+    """The process's ORT environment (made on first call, which decides whether it has one global intra-op pool
+    and its size). Returns (global pool in effect, threads a session uses)."""
+    if malloc_mmap_threshold_kb:
+        _fix_mmap_threshold(malloc_mmap_threshold_kb)
+    env = ortc.Env.get(threads, global_pool)
+    if env.global_pool and (not global_pool or threads != env.threads):
+        log.warning("ORT's global thread pool of %d threads serves every session of this process", env.threads)
+    return (True, env.threads) if env.global_pool else (False, threads)
 
 
-def init_env(threads: int, global_pool: bool) -> tuple[bool, int]:
-    """Set up the process's ORT environment once: the shared arena allocator every session uses and, if asked and
-    still possible (no ORT environment yet), one global intra-op thread pool. Returns (global pool?, threads)."""
-    global _env
-    with _env_lock:
-        if _env is None:
-            made_global = False
-            if global_pool:
-                try:
-                    ort.set_global_thread_pool_sizes(threads, 1)
-                    made_global = True
-                except Exception as e:  # another ORT user created the environment first
-                    log.warning("cannot create ORT's global thread pool (%s); sessions get their own threads", e)
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-            _env = (made_global, threads)
-        elif _env[0] and (not global_pool or threads != _env[1]):
-            log.warning("ORT's global thread pool of %d threads serves every session of this process", _env[1])
-        return _env if _env[0] else (False, threads)
+def _fix_mmap_threshold(kb: int) -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which large blocks (a session's load
+    buffers, a finished conversation's KV) come from the heap and are kept by the process after free: loading 8
+    characters cost 63-99 MB each instead of a steady 63-73. A fixed threshold keeps large blocks in mmap, returned
+    to the OS when freed. Other C libraries have no mallopt and keep their own behaviour."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, kb * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class TensorShare:
-    """sha256 -> one OrtValue over a memory map, reference-counted by the models that use it."""
+    """sha256 -> one OrtValue over a memory map, reference-counted by the models that use it; and the container
+    holding the packed copies of those that MLAS packs."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[str, tuple[ort.OrtValue, int]] = {}
+        self._values: dict[str, tuple[ortc.Tensor, int]] = {}
         self._refs: dict[str, int] = {}
+        self._container: ortc.Container | None = None
 
-    def acquire(self, t: SharedTensor) -> ort.OrtValue:
+    def acquire(self, t: SharedTensor, env: ortc.Env) -> ortc.Tensor:
         with self._lock:
             if t.sha256 not in self._values:
-                self._values[t.sha256] = (ort.OrtValue.ortvalue_from_numpy(read_shared_tensor(t)), t.length)
+                self._values[t.sha256] = (ortc.Tensor(env, read_shared_tensor(t)), t.length)
                 self._refs[t.sha256] = 0
             self._refs[t.sha256] += 1
             return self._values[t.sha256][0]
+
+    def container(self, env: ortc.Env) -> ortc.Container:
+        with self._lock:
+            if self._container is None:
+                self._container = ortc.Container(env)
+            return self._container
+
+    def settle(self, packed: list[str]) -> None:
+        """Give back the mapped pages of shared weights now packed in the container: ORT computes with the packed
+        copies, and a page it does read again (an embedding row) is simply mapped back in from the page cache."""
+        with self._lock:
+            for sha in packed:
+                if sha in self._values:
+                    _drop_pages(self._values[sha][0].array)
 
     def release(self, sha256: str) -> None:
         with self._lock:
             self._refs[sha256] -= 1
             if self._refs[sha256] == 0:
                 del self._refs[sha256], self._values[sha256]
+            if not self._refs:
+                self._container = None  # freed with the last session that holds it
 
     def new_bytes(self, tensors: tuple[SharedTensor, ...]) -> int:
         """Bytes a model would add: its shared tensors not mapped yet."""
@@ -86,7 +105,16 @@ class TensorShare:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"count": len(self._values), "mb": round(sum(n for _, n in self._values.values()) / 2**20, 2),
-                    "references": sum(self._refs.values())}
+                    "references": sum(self._refs.values()), "prepacked_container": self._container is not None}
+
+
+def _drop_pages(array: np.ndarray) -> None:
+    """madvise(DONTNEED) the file mapping under a memory-mapped array (a no-op where the OS has no madvise)."""
+    base = array
+    while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 _tokenizers: dict[str, Tokenizer] = {}  # sha256 of tokenizer.json -> one instance (~17 MB each for SmolLM2)
@@ -105,28 +133,18 @@ def load_tokenizer(artifact: Artifact) -> Tokenizer:
         return _tokenizers[key]
 
 
-_OPT_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-
-
 def shareable(artifact: Artifact, config: RuntimeConfig) -> tuple[SharedTensor, ...]:
-    """The shared tensors worth sharing: all of them, except those MLAS pre-packs when pre-packing is on."""
-    if not config.share_tensors:
-        return ()
-    if not config.prepack(artifact.precision):
-        return artifact.shared_tensors
-    packed = packed_weight_names(artifact.model_file)
-    return tuple(t for t in artifact.shared_tensors if t.name not in packed)
+    """The shared tensors handed to sessions once for all: every one, when sharing is on (with pre-packing, the
+    container then shares the packed copies too)."""
+    return artifact.shared_tensors if config.share_tensors else ()
 
 
 def estimate_bytes(artifact: Artifact, config: RuntimeConfig) -> int:
     """Memory a loaded model is expected to add, for the budget: its weights not shared with other characters
-    (memory-mapped, counted once touched) or, with pre-packing, MLAS's packed copies of them (ORT then lets go of
-    the originals), plus bookkeeping. The persona prefix cache is added once it is known."""
+    (mapped from its file, or replaced by MLAS's packed copies of the same size), plus bookkeeping. Shared tensors
+    are counted once by the pool; persona and conversation caches have budgets of their own."""
     own = artifact.model_bytes - sum(t.length for t in shareable(artifact, config))
-    factor = config.prepack_factor if config.prepack(artifact.precision) else 1.0
-    return int(own * factor + config.session_overhead_mb * 2**20)
+    return int(own + config.session_overhead_mb * 2**20)
 
 
 @dataclass
@@ -134,7 +152,7 @@ class KV:
     """A KV cache: per layer key and value arrays (1, kv_heads, capacity, head_dim); the first n positions hold data.
     In buffer mode `values` are zero-copy OrtValues over the arrays, which ORT fills in place."""
     arrays: list[np.ndarray]
-    values: list[ort.OrtValue] | None
+    values: list[ortc.Tensor] | None
     n: int
 
     @property
@@ -149,13 +167,13 @@ class KV:
 @dataclass
 class Model:
     artifact: Artifact
-    session: ort.InferenceSession
+    session: ortc.Session
     tokenizer: Tokenizer
     template: ChatTemplate
     character: dict[str, Any]
     config: RuntimeConfig
     shared: list[str]  # sha256 of the shared tensors this session uses (released on unload)
-    values: list[ort.OrtValue]  # keeps the shared OrtValues alive as long as the session
+    env: ortc.Env
     estimate: int
     load_s: float = 0.0
     persona: list[int] = field(default_factory=list)
@@ -167,6 +185,8 @@ class Model:
     unloaded: bool = False
     past_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    _in_names: Any = None  # C arrays of the input and output names, built once
+    _out_names: Any = None
 
     @property
     def id(self) -> str:
@@ -184,46 +204,46 @@ class Model:
     @classmethod
     def load(cls, artifact: Artifact, config: RuntimeConfig, share: TensorShare | None) -> "Model":
         t0 = time.perf_counter()
-        global_pool, threads = init_env(config.resolved_threads(), config.global_thread_pool)
-        so = ort.SessionOptions()
-        if global_pool:
-            so.use_per_session_threads = False
-        else:
-            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.graph_optimization_level = _OPT_LEVELS[config.graph_optimization]
-        so.add_session_config_entry("session.use_env_allocators", "1")
-        so.add_session_config_entry("session.disable_prepacking", "0" if config.prepack(artifact.precision) else "1")
-        shared, values = [], []
+        init_env(config.resolved_threads(), config.global_thread_pool, config.malloc_mmap_threshold_kb)
+        env = ortc.Env.get(config.resolved_threads(), config.global_thread_pool)
+        prepack = config.prepack(artifact.precision)
+        shared: list[str] = []
         try:
+            initializers = {}
             if share is not None:
                 for t in shareable(artifact, config):
-                    values.append(share.acquire(t))
+                    initializers[t.name] = share.acquire(t, env)
                     shared.append(t.sha256)
-                    so.add_initializer(t.name, values[-1])
+            container = share.container(env) if share is not None and prepack and shared else None
+            settings = ortc.SessionSettings(threads=config.resolved_threads(), optimization=config.graph_optimization,
+                                            prepacking=prepack, initializers=initializers, container=container)
             try:
-                session = ort.InferenceSession(str(artifact.model_file), sess_options=so,
-                                               providers=["CPUExecutionProvider"])
-            except Exception as e:
+                session = ortc.Session(env, artifact.model_file, settings)
+            except ortc.OrtError as e:
                 raise ArtifactError(f"{artifact.model_file}: ONNX Runtime cannot load it ({e})") from e
+            if container is not None:
+                packed = packed_weight_names(artifact.model_file)
+                share.settle([t.sha256 for t in shareable(artifact, config) if t.name in packed])
             tokenizer = load_tokenizer(artifact)
             character = read_character(artifact)
             model = cls(artifact=artifact, session=session, tokenizer=tokenizer,
                         template=ChatTemplate(artifact.chat_template, tokenizer), character=character,
-                        config=config, shared=shared, values=values, estimate=estimate_bytes(artifact, config))
+                        config=config, shared=shared, env=env, estimate=estimate_bytes(artifact, config))
             model.past_names = [f"past_key_values.{i}.{k}" for i in range(artifact.num_layers)
                                 for k in ("key", "value")]
             model.output_names = ["logits"] + [f"present.{i}.{k}" for i in range(artifact.num_layers)
                                                for k in ("key", "value")]
-            missing = set(model.past_names + ["input_ids", "attention_mask"]) - {i.name for i in session.get_inputs()}
+            missing = set(model.past_names + ["input_ids", "attention_mask"]) - set(session.input_names)
             if missing:
                 raise ArtifactError(f"{artifact.model_file}: inputs {sorted(missing)} missing (docs/internals.md)")
+            model._in_names = ortc.Session.names(["input_ids", "attention_mask"] + model.past_names)
+            model._out_names = ortc.Session.names(model.output_names)
             model.persona = persona_ids(model.template, character.get("system_prompt") or "",
                                         character.get("greeting") or "")
             if config.prefix_cache:
                 t1 = time.perf_counter()
                 model.persona_kv = model.prefill(model.persona)
                 model.persona_s = time.perf_counter() - t1
-                model.estimate += model.persona_kv.nbytes
         except BaseException:
             if share is not None:
                 for sha in shared:
@@ -251,36 +271,34 @@ class Model:
             if like is not None and n:
                 arr[:, :, :n] = like.arrays[i][:, :, :n]
             arrays.append(arr)
-        values = [ort.OrtValue.ortvalue_from_numpy(x) for x in arrays] if self.config.kv_buffers else None
+        values = [ortc.Tensor(self.env, x) for x in arrays] if self.config.kv_buffers else None
         return KV(arrays, values, n)
 
     def forward(self, ids: list[int], kv: KV) -> tuple[np.ndarray, KV]:
         """Logits of the last position (vocab,) and the cache after feeding `ids` on top of `kv.n` positions.
 
         Buffer mode writes the new keys/values in place (GroupQueryAttention's static cache: past and present
-        bound to one buffer, the mask's ones marking the valid positions), so no step copies the cache; it needs
-        kv.capacity >= kv.n + len(ids). Otherwise the graph returns a new, longer cache each step."""
-        input_ids = np.array([ids], np.int64)
+        are one buffer, the mask's ones marking the valid positions), so no step copies the cache; it needs
+        kv.capacity >= kv.n + len(ids). Otherwise the graph writes a new, longer cache into fresh arrays."""
+        env, a = self.env, self.artifact
         total = kv.n + len(ids)
+        logits = np.empty((1, 1, a.vocab_size), np.float32)
         if self.config.kv_buffers:
             if total > kv.capacity:
                 raise ValueError(f"KV buffer of {kv.capacity} positions cannot take {total}")
             mask = np.zeros((1, kv.capacity), np.int64)
             mask[0, :total] = 1
-            io = self.session.io_binding()
-            io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(input_ids))
-            io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(mask))
-            io.bind_output("logits")
-            for past, present, value in zip(self.past_names, self.output_names[1:], kv.values):
-                io.bind_ortvalue_input(past, value)
-                io.bind_ortvalue_output(present, value)
-            self.session.run_with_iobinding(io)
-            kv.n = total
-            return io.get_outputs()[0].numpy()[0, -1], kv
-        feed = {"input_ids": input_ids, "attention_mask": np.ones((1, total), np.int64)}
-        feed.update(zip(self.past_names, kv.arrays))
-        out = self.session.run(self.output_names, feed)
-        return out[0][0, -1], KV(out[1:], None, total)
+            past = present = kv.values
+            out = kv
+        else:
+            mask = np.ones((1, total), np.int64)
+            past = [ortc.Tensor(env, x) for x in kv.arrays]
+            out = KV([np.empty((1, a.num_kv_heads, total, a.head_dim), np.float32) for _ in kv.arrays], None, total)
+            present = [ortc.Tensor(env, x) for x in out.arrays]
+        inputs = [ortc.Tensor(env, np.array([ids], np.int64)), ortc.Tensor(env, mask), *past]
+        self.session.run(self._in_names, inputs, self._out_names, [ortc.Tensor(env, logits), *present])
+        out.n = total
+        return logits[0, -1], out
 
     def prefill(self, ids: list[int]) -> KV:
         """KV cache of `ids` from scratch, in chunks of `prefill_chunk` tokens, sized exactly."""

@@ -55,7 +55,8 @@ class NPCPool:
         self.dist_dir = Path(dist_dir)
         if not self.dist_dir.is_dir():
             raise FileNotFoundError(f"{self.dist_dir}: no such dist folder; build characters with `npcforge build`")
-        self.global_pool, self.threads = init_env(config.resolved_threads(), config.global_thread_pool)
+        self.global_pool, self.threads = init_env(config.resolved_threads(), config.global_thread_pool,
+                                                  config.malloc_mmap_threshold_kb)
         self._lock = threading.RLock()
         self._artifacts: dict[str, Artifact] = {}
         self.problems: dict[str, str] = {}  # folder -> why it is not served
@@ -67,6 +68,7 @@ class NPCPool:
         self._share = TensorShare() if config.share_tensors else None
         self._convs: dict[tuple[str, str], Conversation] = {}
         self._kv_lru: OrderedDict[tuple[str, str], int] = OrderedDict()  # idle conversations' KV bytes, LRU first
+        self._persona_lru: OrderedDict[str, int] = OrderedDict()  # characters' persona prefix KV bytes, LRU first
         self._scheduler = Scheduler(config.resolved_workers())
         self._closed = False
 
@@ -154,6 +156,7 @@ class NPCPool:
             with self._lock:
                 self._models[cid] = model
                 model.active += hold
+                self._keep_persona(model)
             log.info("loaded %s in %.2f s (persona prefix %d tokens, %.3f s)", cid, model.load_s,
                      len(model.persona), model.persona_s)
             return model
@@ -174,6 +177,7 @@ class NPCPool:
         if model is None:
             return False
         model.close(self._share)
+        self._persona_lru.pop(cid, None)
         for key, conv in self._convs.items():
             if key[0] == cid and not conv.busy:
                 self._drop_kv(conv)
@@ -185,6 +189,18 @@ class NPCPool:
         with self._lock:
             if cid in self._models:
                 self._models[cid].pinned = pinned
+
+    def _keep_persona(self, model: Model) -> None:
+        """Mark the model's persona cache most recently used, then drop the least recently used ones beyond
+        `persona_cache_mb` (a conversation starting meanwhile keeps the cache it already took)."""
+        if model.persona_kv is None:
+            return
+        self._persona_lru[model.id] = model.persona_kv.nbytes
+        self._persona_lru.move_to_end(model.id)
+        while self._persona_lru and sum(self._persona_lru.values()) > self.config.persona_cache_mb * MB:
+            old, _ = self._persona_lru.popitem(last=False)
+            if old in self._models:
+                self._models[old].persona_kv = None
 
     # --- conversations ---
 
@@ -209,6 +225,7 @@ class NPCPool:
                 model.active -= 1
                 raise SessionBusy(f"{cid}/{session}: a reply is already in progress; cancel it or wait")
             conv.busy = True
+            self._keep_persona(model)
         before = conv.messages
         try:
             messages = conv.messages + [Message("user", model.template.clean(text))]
@@ -248,6 +265,11 @@ class NPCPool:
             conv.busy = False
             model.active -= 1
             model.last_used = time.monotonic()
+            persona = len(model.persona)
+            if (self.config.prefix_cache and model.persona_kv is None and not model.unloaded and gen.kv is not None
+                    and gen.kv.n >= persona and gen.fed[:persona] == model.persona):
+                model.persona_kv = model.kv(persona, like=gen.kv)  # dropped earlier: this turn prefilled it again
+                self._keep_persona(model)
             while self._kv_lru and sum(self._kv_lru.values()) > self.config.kv_cache_mb * MB:
                 old = next(iter(self._kv_lru))
                 if old in self._convs:
@@ -303,6 +325,7 @@ class NPCPool:
             models = {m.id: {"pinned": m.pinned, "active": m.active, "estimated_mb": round(m.estimate / MB, 2),
                              "load_s": round(m.load_s, 3), "persona_tokens": len(m.persona),
                              "persona_prefill_s": round(m.persona_s, 4),
+                             "persona_cached": m.persona_kv is not None,
                              "idle_s": round(time.monotonic() - m.last_used, 1),
                              "sessions": sum(1 for k in self._convs if k[0] == m.id),
                              "kv_mb": round(sum(c.kv.nbytes for k, c in self._convs.items()
@@ -314,6 +337,7 @@ class NPCPool:
                     "shared_tensors": self._share.stats() if self._share else None,
                     "sessions": len(self._convs), "cached_sessions": len(self._kv_lru),
                     "kv_cache_mb": round(sum(self._kv_lru.values()) / MB, 2),
+                    "persona_cache_mb": round(sum(self._persona_lru.values()) / MB, 2),
                     "active_generations": self._scheduler.active, "threads": self.threads,
                     "global_thread_pool": self.global_pool,
                     "workers": self.config.resolved_workers()}

@@ -94,8 +94,8 @@ def test_shared_tensor_bytes_checked_on_their_own(dist: Path):
         assert pool.stats()["shared_tensors"]["count"] == 0  # nothing leaked from the failed load
 
 
-def test_quantised_artifact_prepacks_and_shares_only_unpacked_tensors(tmp_path: Path, tiny_base: Path,
-                                                                      roster_dir: Path):
+def test_quantised_artifact_shares_packed_weights_through_the_container(tmp_path: Path, tiny_base: Path,
+                                                                         roster_dir: Path):
     from builder.artifact import write_artifact
     from builder.basemodel import ensure_base_model
     from builder.cards import load_roster
@@ -103,19 +103,24 @@ def test_quantised_artifact_prepacks_and_shares_only_unpacked_tensors(tmp_path: 
     from runtime.artifact import packed_weight_names, read_artifact
     from runtime.model import shareable
 
-    char = sorted(load_roster(roster_dir).characters, key=lambda c: c.id)[0]
-    out = write_artifact(tiny_base, char, tmp_path / "dist" / char.id, resolve_config("fast", {"precision": "int8"}),
-                         ensure_base_model(tiny_base))
-    artifact = read_artifact(out)
+    chars = sorted(load_roster(roster_dir).characters, key=lambda c: c.id)[:2]
+    for char in chars:
+        write_artifact(tiny_base, char, tmp_path / "dist" / char.id, resolve_config("fast", {"precision": "int8"}),
+                       ensure_base_model(tiny_base))
+    artifact = read_artifact(tmp_path / "dist" / chars[0].id)
     packed = packed_weight_names(artifact.model_file)
-    assert any(n.endswith("qweight") for n in packed)
-    auto = shareable(artifact, RuntimeConfig())
-    assert auto and not {t.name for t in auto} & packed  # pre-packed (auto for int8): packed weights not shared
-    assert len(shareable(artifact, RuntimeConfig(prepacking="off"))) == len(artifact.shared_tensors)
+    assert {t.name for t in artifact.shared_tensors} & packed  # attention and lm_head weights are packed and shared
+    assert shareable(artifact, RuntimeConfig()) == artifact.shared_tensors
+    assert shareable(artifact, RuntimeConfig(share_tensors=False)) == ()
     with NPCPool(tmp_path / "dist", threads=1) as pool:
-        r = pool.chat(char.id, "s", "Hello!", max_tokens=8, **GREEDY).wait()
-        assert r.completion_tokens >= 1
-        assert pool.stats()["shared_tensors"]["references"] == len(auto)
+        for char in chars:
+            assert pool.chat(char.id, "s", "Hello!", max_tokens=8, **GREEDY).wait().completion_tokens >= 1
+        shared = pool.stats()["shared_tensors"]
+        assert shared["prepacked_container"] and shared["count"] == len({t.sha256 for t in artifact.shared_tensors})
+        assert shared["references"] == 2 * len(artifact.shared_tensors)
+        pool.unload(chars[0].id)
+        pool.unload(chars[1].id)
+        assert pool.stats()["shared_tensors"] == {"count": 0, "mb": 0, "references": 0, "prepacked_container": False}
 
 
 def test_broken_manifest_listed_as_problem(dist: Path):
@@ -217,3 +222,25 @@ def test_global_thread_pool_in_its_own_process(tiny_dist: Path):
 
 def test_public_names():
     assert {"NPCPool", "RuntimeConfig", "ChatStream", "ChatResult", "ArtifactError"} <= set(runtime.__all__)
+
+
+def test_persona_caches_are_bounded_lru_and_come_back_after_a_turn(tiny_dist: Path):
+    a, b = sorted(p.name for p in tiny_dist.iterdir())[:2]
+    with NPCPool(tiny_dist, threads=1) as free:
+        expected = free.chat(a, "s", "Hello there!", max_tokens=12, **GREEDY).wait().text
+        one = max(free._models[a].persona_kv.nbytes, 1)
+    budget = 1.5 * one / 2**20  # room for one persona cache, not two
+    with NPCPool(tiny_dist, threads=1, config=RuntimeConfig(persona_cache_mb=budget)) as pool:
+        pool.load(a)
+        pool.load(b)
+        models = pool.stats()["models"]
+        assert not models[a]["persona_cached"] and models[b]["persona_cached"]
+        r = pool.chat(a, "s", "Hello there!", max_tokens=12, **GREEDY).wait()
+        assert r.text == expected and r.cached_tokens == 0  # the persona was prefilled with the turn
+        models = pool.stats()["models"]
+        assert models[a]["persona_cached"] and not models[b]["persona_cached"]  # a's came back, b's was dropped
+        assert pool.stats()["persona_cache_mb"] <= budget
+        r = pool.chat(a, "t", "Hello there!", max_tokens=12, **GREEDY).wait()
+        assert r.text == expected and r.cached_tokens > 0
+    with pytest.raises(ValueError, match="persona_cache_mb"):
+        RuntimeConfig(persona_cache_mb=-1)
