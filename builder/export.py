@@ -242,6 +242,9 @@ def _check_arch(cfg: dict[str, Any], checkpoint: Path) -> None:
         raise ExportError(f"{checkpoint / 'config.json'}: mlp_bias=true is not supported by the export")
 
 
+_BITS = {"fp32": 0, "int8": 8, "int4": 4}
+
+
 def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportResult:
     """Write model.onnx + model.onnx.data for `checkpoint` at `config.precision` into out_dir."""
     t0 = time.perf_counter()
@@ -253,7 +256,8 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportR
     H, V = shapes["hidden_size"], shapes["vocab_size"]
     eps = float(cfg.get("rms_norm_eps", 1e-6))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    bits = {"fp32": 0, "int8": 8, "int4": 4}[config.precision]
+    bits = _BITS[config.precision]
+    ffn_bits = _BITS[config.ffn_precision or config.precision]  # a character's own weights may be narrower
     w = _load_weights(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path, model_path = out_dir / DATA_FILE, out_dir / MODEL_FILE
@@ -266,22 +270,22 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportR
     with open(data_path, "wb") as data:
         g = _Graph(data, DATA_FILE)
 
-        def store_q(name: str, weight: np.ndarray, shared: bool) -> list[str]:
-            packed, scales, zp = quantize_blocks(weight, bits, config.quant_block_size)
+        def store_q(name: str, weight: np.ndarray, shared: bool, nbits: int = bits) -> list[str]:
+            packed, scales, zp = quantize_blocks(weight, nbits, config.quant_block_size)
             return [g.weight(f"{name}.qweight", packed, shared),
                     g.weight(f"{name}.scales", scales.reshape(packed.shape[0], -1), shared),
                     g.weight(f"{name}.zero_points", zp, shared)]
 
-        def matmul_nbits(x: str, q: list[str], n: int, k: int, bias: str | None = None) -> str:
+        def matmul_nbits(x: str, q: list[str], n: int, k: int, bias: str | None = None, nbits: int = bits) -> str:
             return g.node("MatMulNBits", [x, *q] + (["", bias] if bias else []), domain="com.microsoft", K=k, N=n,
-                          bits=bits, block_size=config.quant_block_size, accuracy_level=config.accuracy_level)[0]
+                          bits=nbits, block_size=config.quant_block_size, accuracy_level=config.accuracy_level)[0]
 
         def linear(x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, shared: bool,
-                   quantize: bool = True) -> str:
+                   quantize: bool = True, nbits: int = bits) -> str:
             n, k = weight.shape
-            if bits and quantize:
+            if nbits and quantize:
                 b = g.weight(f"{name}.bias", bias, shared) if bias is not None else None
-                return matmul_nbits(x, store_q(name, weight, shared), n, k, b)
+                return matmul_nbits(x, store_q(name, weight, shared, nbits), n, k, b, nbits)
             y = g.node("MatMul", [x, g.weight(f"{name}.weight_t", weight.T, shared)])[0]
             return g.node("Add", [y, g.weight(f"{name}.bias", bias, shared)])[0] if bias is not None else y
 
@@ -326,10 +330,10 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportR
                                                         get(f"{p}.post_attention_layernorm.weight"), True)],
                                     n_out=4, domain="com.microsoft", epsilon=eps)
             g.nodes[-1].output[1:3] = ["", ""]
-            gate = linear(h, f"{p}.mlp.gate_proj", get(f"{p}.mlp.gate_proj.weight"), None, False)
-            up = linear(h, f"{p}.mlp.up_proj", get(f"{p}.mlp.up_proj.weight"), None, False)
+            gate = linear(h, f"{p}.mlp.gate_proj", get(f"{p}.mlp.gate_proj.weight"), None, False, nbits=ffn_bits)
+            up = linear(h, f"{p}.mlp.up_proj", get(f"{p}.mlp.up_proj.weight"), None, False, nbits=ffn_bits)
             act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0], up])[0]
-            down = linear(act, f"{p}.mlp.down_proj", get(f"{p}.mlp.down_proj.weight"), None, False)
+            down = linear(act, f"{p}.mlp.down_proj", get(f"{p}.mlp.down_proj.weight"), None, False, nbits=ffn_bits)
             if i + 1 < L:
                 nxt = f"model.layers.{i + 1}.input_layernorm.weight"
                 h, _, _, resid = g.node("SkipSimplifiedLayerNormalization",

@@ -24,6 +24,12 @@ text-align:left;vertical-align:top}th{background:#f3ebe3}.num{text-align:right;f
 .ok{color:#176b2c;font-weight:bold}.bad{color:#a11;font-weight:bold}section{border-top:3px solid #c87;padding-top:1em}"""
 
 
+def precision_label(model: dict) -> str:
+    """The manifest's precision, with the FFN's when the character's own weights have their own ("int8, FFN int4")."""
+    ffn = model.get("ffn_precision", model["precision"])
+    return model["precision"] if ffn == model["precision"] else f"{model['precision']}, FFN {ffn}"
+
+
 def report_data(manifest: dict[str, Any], exported: Any, prune: Any) -> dict[str, Any]:
     """Everything the pages show, as plain JSON (also written as report.json)."""
     m = manifest["model"]
@@ -34,7 +40,7 @@ def report_data(manifest: dict[str, Any], exported: Any, prune: Any) -> dict[str
     shared_params = sum(_numel(t.shape) for t in exported.tensors if t.shared and t.dtype == "float32")
     return {
         "id": manifest["id"], "name": manifest["name"], "created": manifest["created"],
-        "precision": m["precision"], "config_hash": manifest["builder"]["config_hash"],
+        "precision": precision_label(m), "config_hash": manifest["builder"]["config_hash"],
         "size": {"artifact_bytes": model_bytes, "dense_artifact_bytes": dense_bytes,
                  "ffn_bytes": ffn_bytes, "shared_bytes": model_bytes - ffn_bytes,
                  "ffn_channels": k, "base_ffn_channels": k0, "ffn_params": 3 * L * H * k,

@@ -122,9 +122,11 @@ def verify_export(checkpoint: Path, model_file: Path, prompts: list[str], config
     top1 = agree / total
     passed = top1 >= config.min_top1_agreement
     wider = {"int4": "int8", "int8": "fp32"}.get(config.precision, "fp32; the export itself is wrong: report it")
-    reason = "" if passed else (f"ONNX ({config.precision}) agrees with torch on {agree}/{total} teacher-forced "
-                                f"tokens ({top1:.2f} < min_top1_agreement {config.min_top1_agreement}); "
-                                f"use a wider precision (--precision {wider})")
+    ffn = config.ffn_precision or config.precision
+    advice = f"--ffn-precision {config.precision}" if ffn != config.precision else f"--precision {wider}"
+    reason = "" if passed else (f"ONNX ({config.precision}, FFN {ffn}) agrees with torch on {agree}/{total} "
+                                f"teacher-forced tokens ({top1:.2f} < min_top1_agreement "
+                                f"{config.min_top1_agreement}); use a wider precision ({advice})")
     result = Verification(round(max_diff, 6), round(top1, 4), round(greedy_agree / total, 4), total, passed, reason,
                           round(float(np.median(prefill_s)) * 1e3, 2),
                           round((total - len(prompts)) / decode_s, 1) if decode_s else 0.0)

@@ -19,12 +19,14 @@ from npcforge.ui import Failed, emit_json
 @click.option("--ffn-keep", type=float, help="Fraction of FFN channels kept (1.0 = no pruning, exports the base).")
 @click.option("--method", help="Channel selection: persona-pruner, persona-activation, magnitude, wanda-sp, taylor.")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), help="Weight precision of the ONNX model.")
+@click.option("--ffn-precision", type=click.Choice(["fp32", "int8", "int4"]),
+              help="Precision of the character's own FFN weights (default: --precision); int4 halves their memory.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="A local HF folder instead of the default.")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Characters built in parallel processes.")
 @click.option("--force", is_flag=True, help="Rebuild characters whose artifact is up to date.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_keep: float | None,
-          method: str | None, precision: str | None, base_model: str | None, jobs: int,
+          method: str | None, precision: str | None, ffn_precision: str | None, base_model: str | None, jobs: int,
           force: bool, as_json: bool) -> None:
     """Build a pruned, exported, verified model for every character file in CHARDIR.
 
@@ -36,7 +38,8 @@ def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_
     from builder.config import ConfigError, resolve_config
 
     overrides: dict[str, Any] = {k: v for k, v in dict(ffn_keep=ffn_keep, method=method,
-                                                       precision=precision).items() if v is not None}
+                                                       precision=precision,
+                                                       ffn_precision=ffn_precision).items() if v is not None}
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
     try:
@@ -76,6 +79,7 @@ def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_
 def inspect(artifact: Path, as_json: bool) -> None:
     """Describe one artifact (DIST/ID) and re-verify every file against its manifest's sha256."""
     from builder.artifact import ArtifactError, check_artifact, read_manifest
+    from builder.report import precision_label
 
     try:
         manifest = read_manifest(artifact)
@@ -89,7 +93,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
         rows = [("character", f"{manifest['name']} ({manifest['id']})"), ("created", manifest["created"]),
                 ("builder", f"{manifest['builder']['version']}, config {manifest['builder']['config_hash']}"),
                 ("base model", f"{manifest['base_model']['id']} {manifest['base_model']['sha256'][:12]}"),
-                ("model", f"{m['precision']}, {m['num_layers']} layers, {m['num_attention_heads']}/"
+                ("model", f"{precision_label(m)}, {m['num_layers']} layers, {m['num_attention_heads']}/"
                           f"{m['num_kv_heads']} heads x {m['head_dim']}, FFN {m['intermediate_size']}/"
                           f"{m['base_intermediate_size']}, vocab {m['vocab_size']}, context {m['max_context']}"),
                 ("verification", f"top-1 {v['top1_agreement']:.3f}, greedy {v['greedy_agreement']:.3f}, "

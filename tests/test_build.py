@@ -160,9 +160,12 @@ def test_pruned_build_runs_the_pruning_pipeline(roster_dir: Path, tmp_path: Path
 
 def test_inspect_reports_and_detects_tampering(small_roster: Path, tmp_path: Path, tiny_base: Path) -> None:
     out = tmp_path / "dist"
-    build_roster(small_roster, out, "fast", DENSE, only=["magda"], base_model=tiny_base)
+    build_roster(small_roster, out, "fast", {**DENSE, "ffn_precision": "int4", "min_top1_agreement": 0.0},
+                 only=["magda"], base_model=tiny_base)
+    assert read_manifest(out / "magda")["model"]["ffn_precision"] == "int4"
     r = _cli("inspect", out / "magda")
     assert r.returncode == 0 and "Magda Kettleburn" in r.stdout and "top-1" in r.stdout
+    assert "int8, FFN int4" in r.stdout
     r = _cli("inspect", out / "magda", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
     with open(out / "magda" / "tokenizer.json", "ab") as f:

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from builder.config import BuildConfig
+from builder.config import BuildConfig, ConfigError
 from builder.export import (BIG_ALIGN, ExportError, dequantize_blocks, export_onnx, quantize_blocks)
 from tests.slicing import slice_ffn
 
@@ -217,3 +217,23 @@ def test_real_base_model_default_export_is_faithful(tmp_path: Path, roster_dir: 
     verification = verify_export(base.path, result.model_file, prompts, config)
     assert verification.passed and verification.top1_agreement >= 0.9, verification
     assert result.data_file.stat().st_size < 0.3 * (base.path / "model.safetensors").stat().st_size
+
+
+def test_ffn_precision_narrows_only_the_characters_own_weights(tiny_base: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    full = export_onnx(tiny_base, tmp_path / "int8", BuildConfig(precision="int8"))
+    mixed = export_onnx(tiny_base, tmp_path / "mixed", BuildConfig(precision="int8", ffn_precision="int4"))
+    bits = {n.input[1].rsplit(".", 1)[0]: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+            for n in onnx.load(str(mixed.model_file), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    assert {b for name, b in bits.items() if ".mlp." in name} == {4}
+    assert {b for name, b in bits.items() if ".mlp." not in name} == {8}  # attention and the tied lm_head
+    assert {t["name"]: t["sha256"] for t in mixed.shared_tensors()} == \
+        {t["name"]: t["sha256"] for t in full.shared_tensors()}  # still shareable with int8 characters
+    own = lambda r: sum(t.length for t in r.tensors if not t.shared)  # noqa: E731
+    assert own(mixed) < 0.65 * own(full)
+    diff, agree = _compare_three_modes(tiny_base, mixed.model_file)
+    assert diff < 1.0 and agree >= 0.5
+    with pytest.raises(ConfigError, match="ffn_precision"):
+        BuildConfig(ffn_precision="int2")
