@@ -11,6 +11,7 @@ persona prefix once; `Model.forward(ids, kv)` runs one step and returns the last
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import threading
@@ -30,17 +31,19 @@ from runtime.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 
-def init_env(threads: int, global_pool: bool, malloc_mmap_threshold_kb: int = 0) -> tuple[bool, int]:
-    """The process's ORT environment (made on first call, which decides whether it has one global intra-op pool
-    and its size). Returns (global pool in effect, threads a session uses)."""
-    if malloc_mmap_threshold_kb:
-        _fix_mmap_threshold(malloc_mmap_threshold_kb)
-    env = ortc.Env.get(threads, global_pool)
-    if env.global_pool and (not global_pool or threads != env.threads):
+def init_env(config: RuntimeConfig) -> ortc.Env:
+    """The process's ORT environment: made on first call, which decides whether it has one global intra-op pool and
+    its size for every later caller."""
+    if config.malloc_mmap_threshold_kb:
+        _fix_mmap_threshold(config.malloc_mmap_threshold_kb)
+    threads = config.resolved_threads()
+    env = ortc.Env.get(threads, config.global_thread_pool)
+    if env.global_pool and (not config.global_thread_pool or threads != env.threads):
         log.warning("ORT's global thread pool of %d threads serves every session of this process", env.threads)
-    return (True, env.threads) if env.global_pool else (False, threads)
+    return env
 
 
+@functools.cache
 def _fix_mmap_threshold(kb: int) -> None:
     """glibc raises its mmap threshold each time a large block is freed, after which large blocks (a session's load
     buffers, a finished conversation's KV) come from the heap and are kept by the process after free: loading 8
@@ -204,16 +207,15 @@ class Model:
     @classmethod
     def load(cls, artifact: Artifact, config: RuntimeConfig, share: TensorShare | None) -> "Model":
         t0 = time.perf_counter()
-        init_env(config.resolved_threads(), config.global_thread_pool, config.malloc_mmap_threshold_kb)
-        env = ortc.Env.get(config.resolved_threads(), config.global_thread_pool)
+        env = init_env(config)
         prepack = config.prepack(artifact.precision)
+        tensors = shareable(artifact, config) if share is not None else ()
         shared: list[str] = []
         try:
             initializers = {}
-            if share is not None:
-                for t in shareable(artifact, config):
-                    initializers[t.name] = share.acquire(t, env)
-                    shared.append(t.sha256)
+            for t in tensors:
+                initializers[t.name] = share.acquire(t, env)
+                shared.append(t.sha256)
             container = share.container(env) if share is not None and prepack and shared else None
             settings = ortc.SessionSettings(threads=config.resolved_threads(), optimization=config.graph_optimization,
                                             prepacking=prepack, initializers=initializers, container=container)
@@ -223,7 +225,7 @@ class Model:
                 raise ArtifactError(f"{artifact.model_file}: ONNX Runtime cannot load it ({e})") from e
             if container is not None:
                 packed = packed_weight_names(artifact.model_file)
-                share.settle([t.sha256 for t in shareable(artifact, config) if t.name in packed])
+                share.settle([t.sha256 for t in tensors if t.name in packed])
             tokenizer = load_tokenizer(artifact)
             character = read_character(artifact)
             model = cls(artifact=artifact, session=session, tokenizer=tokenizer,

@@ -55,8 +55,9 @@ class NPCPool:
         self.dist_dir = Path(dist_dir)
         if not self.dist_dir.is_dir():
             raise FileNotFoundError(f"{self.dist_dir}: no such dist folder; build characters with `npcforge build`")
-        self.global_pool, self.threads = init_env(config.resolved_threads(), config.global_thread_pool,
-                                                  config.malloc_mmap_threshold_kb)
+        env = init_env(config)
+        self.global_pool = env.global_pool
+        self.threads = env.threads if env.global_pool else config.resolved_threads()
         self._lock = threading.RLock()
         self._artifacts: dict[str, Artifact] = {}
         self.problems: dict[str, str] = {}  # folder -> why it is not served
