@@ -1,14 +1,15 @@
 """Quality benchmark of the pruning methods: how close each pruned character stays to its dense base.
 
 Usage: python bench/quality.py CHARDIR [--characters a,b] [--keep 0.75,0.5] [--methods m1,m2] [--preset default]
-           [--set field=value ...] [--budget 0,50,150] [--base PATH] [--threads 1] [--json] [--rows FILE.jsonl]
+           [--set field=value ...] [--sweep heal_steps=0,50,150] [--base PATH] [--threads 1] [--json] [--rows FILE.jsonl]
 For every character × keep ratio × method, `builder.prune.prune_character` runs with the same settings (the
 baselines get the same training budget: their heal distils on generic text as those methods do; persona methods
 heal on persona data), and the held-out metrics of `builder.evaluate` are tabulated side by side. Calibration
 data and the dense side of the evaluation are computed once per character and shared by every method, so the
 methods are compared on identical held-out queries and reference answers. Then, per keep ratio, the drop
 reduction 1 − (dense − ours)/(dense − best baseline) of the default method against the strongest baseline
-(lowest KL), and with `--budget` a curve of held-out quality against heal steps for the default method.
+(lowest KL), and with `--sweep FIELD=v1,v2` the default method once per value of one setting (the budget curve is
+`--sweep heal_steps=0,24,96`).
 Prints tables; `--json` prints everything as JSON instead. CPU figures are process CPU seconds (noisy on a
 shared machine; the first character also pays the roster-wide reference hidden states).
 """
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="npcforge-quality-") as tmp:
         for ch in chosen:
             for keep in [float(k) for k in args.keep.split(",")]:
-                for method in args.methods.split(","):
+                for method in [m for m in args.methods.split(",") if m]:
                     config = resolve_config(args.preset, ch.build, overrides, {"method": method, "ffn_keep": keep})
                     start = time.time()
                     r = prune_character(ch, ctx, base, config, Path(tmp) / f"{ch.id}-{keep}-{method}",
@@ -70,19 +71,33 @@ def run(args: argparse.Namespace) -> dict:
                     if args.rows:  # each finished row at once: a long run that is stopped keeps its results
                         with open(args.rows, "a", encoding="utf-8") as f:
                             f.write(json.dumps(rows[-1], default=str) + "\n")
-            for steps in [int(s) for s in args.budget.split(",") if s]:
+            for field, value in _sweep(args.sweep):
                 config = resolve_config(args.preset, ch.build, overrides,
                                         {"method": DEFAULT_METHOD, "ffn_keep": float(args.keep.split(",")[0]),
-                                         "heal_steps": steps})
-                r = prune_character(ch, ctx, base, config, Path(tmp) / f"{ch.id}-budget-{steps}")
-                curve.append({"character": ch.id, "heal_steps": steps, "kl": r.metrics["kl"],
+                                         field: value})
+                r = prune_character(ch, ctx, base, config, Path(tmp) / f"{ch.id}-{field}-{value}",
+                                    lambda m: logging.info("%s %s=%s: %s", ch.id, field, value, m))
+                curve.append({"character": ch.id, "field": field, "value": value, "kl": r.metrics["kl"],
+                              "top1_agreement": r.metrics["top1_agreement"],
                               "judge_accuracy_pruned": r.metrics["judge_accuracy_pruned"],
-                              "repetition_pruned": r.metrics["repetition_pruned"], "cpu_seconds": r.cpu_seconds})
+                              "repetition_pruned": r.metrics["repetition_pruned"], "passed_gate": r.passed_gate,
+                              "cpu_seconds": r.cpu_seconds})
+                logging.info("%s %s=%s: KL %.3f", ch.id, field, value, r.metrics["kl"])
                 if args.rows:
                     with open(args.rows, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"budget_curve": True, **curve[-1]}) + "\n")
+                        f.write(json.dumps({"sweep": True, **curve[-1]}) + "\n")
     return {"preset": args.preset, "overrides": overrides, "characters": [c.id for c in chosen], "rows": rows,
-            "summary": summarise(rows), "budget_curve": curve, "roster_context_cpu_seconds": ctx.cpu_seconds}
+            "summary": summarise(rows), "sweep": curve, "roster_context_cpu_seconds": ctx.cpu_seconds}
+
+
+def _sweep(spec: str) -> list[tuple[str, str]]:
+    """"heal_steps=0,24,96" -> [("heal_steps", "0"), ...]; values are coerced by resolve_config."""
+    if not spec:
+        return []
+    field, _, values = spec.partition("=")
+    if not values:
+        raise SystemExit(f"--sweep: expected FIELD=v1,v2,... (e.g. heal_steps=0,24,96), got {spec!r}")
+    return [(field.strip(), v.strip()) for v in values.split(",") if v.strip()]
 
 
 def _flat(metrics: dict) -> dict:
@@ -128,8 +143,9 @@ def print_tables(result: dict) -> None:
     print("\nDense reference per character")
     print("| character | " + " | ".join(dense_cols) + " |\n|" + "---|" * (len(dense_cols) + 1))
     for ch in result["characters"]:
-        r = next(r for r in result["rows"] if r["character"] == ch)
-        print(f"| {ch} | " + " | ".join(f"{r[k]:.3f}" for k in dense_cols) + " |")
+        r = next((r for r in result["rows"] if r["character"] == ch), None)
+        if r:
+            print(f"| {ch} | " + " | ".join(f"{r[k]:.3f}" for k in dense_cols) + " |")
     for s in result["summary"]:
         print(f"\nkeep {s['keep']:.2f}: mean over characters")
         keys = [k for k, _, _ in COLUMNS if k != "passed_gate"]
@@ -143,12 +159,13 @@ def print_tables(result: dict) -> None:
                                for k, v in s[f"drop_reduction{label}"].items())
                 print(f"drop reduction of {DEFAULT_METHOD} vs strongest{label.replace('_', ' ')} baseline "
                       f"({s[f'strongest{label}_baseline']}): {dr}")
-    if result["budget_curve"]:
-        print(f"\nBudget curve ({DEFAULT_METHOD})\n| character | heal steps | KL | judge | rep | CPU-s |")
-        print("|---|---|---|---|---|---|")
-        for c in result["budget_curve"]:
-            print(f"| {c['character']} | {c['heal_steps']} | {c['kl']:.3f} | {c['judge_accuracy_pruned']:.2f} | "
-                  f"{c['repetition_pruned']:.3f} | {c['cpu_seconds']:.0f} |")
+    if result["sweep"]:
+        print(f"\nSweep ({DEFAULT_METHOD}, keep {result['rows'][0]['keep'] if result['rows'] else ''})")
+        print("| character | setting | KL | top1 | judge | rep | gate | CPU-s |\n|---|---|---|---|---|---|---|---|")
+        for c in result["sweep"]:
+            print(f"| {c['character']} | {c['field']}={c['value']} | {c['kl']:.3f} | {c['top1_agreement']:.3f} | "
+                  f"{c['judge_accuracy_pruned']:.2f} | {c['repetition_pruned']:.3f} | {c['passed_gate']} | "
+                  f"{c['cpu_seconds']:.0f} |")
 
 
 def main() -> None:
@@ -159,7 +176,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--preset", default="default")
     p.add_argument("--set", action="append", default=[], help="BuildConfig override field=value (repeatable)")
-    p.add_argument("--budget", default="", help="heal steps for the budget curve, e.g. 0,50,150")
+    p.add_argument("--sweep", default="", help="FIELD=v1,v2,...: the default method once per value, sharing "
+                   "calibration (e.g. heal_steps=0,24,96 for the budget curve, or refit=false,true)")
     p.add_argument("--base", default=None, help="base model folder (default: the provisioned default model)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")

@@ -108,7 +108,7 @@ def _build_one(character: Any, characters: list[Any], base: Any, config: BuildCo
     shutil.rmtree(work, ignore_errors=True)
     try:
         if config.ffn_keep < 1.0:
-            key = f"{base.sha256}:{config.dtype}:{config.threads}"
+            key = f"{base.sha256}:{config.dtype}:{config.threads}:{config.device}"
             if key not in _CONTEXT:
                 say("loading the dense model")
                 _CONTEXT.clear()

@@ -137,7 +137,7 @@ def sensitivity(ctx: RosterContext, character: Character, queries: list[str], co
     sims = [F.cosine_similarity(own, hidden_states(ctx, sensitivity_prompt(
         persona_of(r) if isinstance(r, Character) else r), queries, layers, config.forward_batch), dim=-1)
             for r in refs]
-    return 1.0 - torch.stack(sims).mean(dim=(0, 2))
+    return (1.0 - torch.stack(sims).mean(dim=(0, 2))).cpu()
 
 
 def example_queries(character: Character, user_name: str) -> list[str]:
@@ -280,19 +280,18 @@ def persona_seqs(tok, cal: Calibration, character: Character, config: BuildConfi
     prefix, _ = lm.chat_seq(tok, cal.system, [])
     out = lm.SeqSet(prefix)
 
-    def add(turns: list[tuple[str, str]]) -> None:
+    def add(turns: list[tuple[str, str]], sources: tuple[int, ...] = ()) -> None:
         seq = lm.chat_seq(tok, cal.system, turns)[1]
-        if len(seq.ids) > config.max_seq_len:
-            seq = lm.Seq(seq.ids[:config.max_seq_len], seq.target[:config.max_seq_len])
-        out.seqs.append(seq)
+        out.seqs.append(lm.Seq(seq.ids[:config.max_seq_len], seq.target[:config.max_seq_len], sources))
 
-    for e in cal.train:
+    for i, e in enumerate(cal.train):
         for a in e.answers:
-            add([("user", e.query), ("assistant", a)])
+            add([("user", e.query), ("assistant", a)], (i,))
     for _ in range(config.multi_turn_sequences if len(cal.train) > 1 else 0):
-        a, b = rng.sample(cal.train, 2)
+        i, j = rng.sample(range(len(cal.train)), 2)
+        a, b = cal.train[i], cal.train[j]
         add([("user", a.query), ("assistant", rng.choice(a.answers)),
-             ("user", b.query), ("assistant", rng.choice(b.answers))])
+             ("user", b.query), ("assistant", rng.choice(b.answers))], (i, j))
     for d in character.examples:
         turns = [("user" if t.role == "user" else "assistant", substitute(t.text, character.name, config.user_name))
                  for t in d]

@@ -37,7 +37,7 @@ def teacher_forced(dense, pruned, seqset: lm.SeqSet, batch: int, pad_id: int) ->
         rows = [s.ids for s in chunk]
         d = lm.target_logits(lm.forward(dense, kv_d, rows, pad_id).logits, chunk).float()
         p = lm.target_logits(lm.forward(pruned, kv_p, rows, pad_id).logits, chunk).float()
-        y = lm.target_ids(chunk)
+        y = lm.target_ids(chunk, d.device)
         kl += float(lm.kl_per_token(d, p).sum())
         ce_d += float(torch.nn.functional.cross_entropy(d, y, reduction="sum"))
         ce_p += float(torch.nn.functional.cross_entropy(p, y, reduction="sum"))

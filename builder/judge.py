@@ -88,8 +88,8 @@ class PersonaJudge:
                 logits = lm.forward(self.model, kv, [s.ids for s in chunk], self.tok.pad_token_id).logits
                 for i, s in enumerate(chunk):
                     picked = lm.target_logits(logits[i:i + 1], [s])
-                    lp = torch.log_softmax(picked.float(), -1).gather(-1, lm.target_ids([s]).unsqueeze(1))
-                    result[start + i, j] = lp.mean() if lp.numel() else float("-inf")
+                    lp = torch.log_softmax(picked.float(), -1).gather(-1, lm.target_ids([s], picked.device)[:, None])
+                    result[start + i, j] = float(lp.mean()) if lp.numel() else float("-inf")
         return result
 
 

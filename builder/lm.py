@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from builder.config import ConfigError
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -27,6 +29,7 @@ class Seq:
     """One training/evaluation sequence after a shared prefix: `target[i]` says token i is to be predicted."""
     ids: list[int]
     target: list[bool]
+    sources: tuple[int, ...] = ()  # the calibration queries whose answers it holds (cross-validation folds)
 
 
 @dataclass
@@ -93,7 +96,7 @@ def prefix_kv(model, prefix: list[int]) -> KV | None:
     are trained at the answer positions anyway (the prompt cache still reflects the current student exactly)."""
     if not prefix:
         return None
-    out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+    out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
@@ -114,8 +117,9 @@ def forward(model, kv: KV | None, rows: list[list[int]], pad_id: int, hidden: bo
     past = 0 if kv is None else kv[0][0].shape[2]
     attention = torch.cat([torch.ones((batch, past), dtype=torch.long), mask], dim=1)
     positions = (past + torch.arange(width)).unsqueeze(0).expand(batch, -1)
-    return model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=_cache(kv, batch),
-                 use_cache=kv is not None, output_hidden_states=hidden)
+    dev = model.device
+    return model(input_ids=ids.to(dev), attention_mask=attention.to(dev), position_ids=positions.to(dev),
+                 past_key_values=_cache(kv, batch), use_cache=kv is not None, output_hidden_states=hidden)
 
 
 def target_logits(logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
@@ -124,8 +128,9 @@ def target_logits(logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
     return torch.stack(picks) if picks else logits.new_zeros((0, logits.shape[-1]))
 
 
-def target_ids(seqs: list[Seq]) -> torch.Tensor:
-    return torch.tensor([s.ids[j] for s in seqs for j in range(1, len(s.ids)) if s.target[j]], dtype=torch.long)
+def target_ids(seqs: list[Seq], device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor([s.ids[j] for s in seqs for j in range(1, len(s.ids)) if s.target[j]], dtype=torch.long,
+                        device=device)
 
 
 def kl_per_token(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -158,8 +163,10 @@ def generate(model, tok, kv: KV | None, prompts: list[list[int]], n: int, max_ne
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     past = 0 if kv is None else kv[0][0].shape[2]
-    attention = torch.cat([torch.ones((batch, past), dtype=torch.long), mask], dim=1)
-    positions = past + (mask.cumsum(1) - 1).clamp(min=0)
+    dev = model.device
+    attention = torch.cat([torch.ones((batch, past), dtype=torch.long), mask], dim=1).to(dev)
+    positions = (past + (mask.cumsum(1) - 1).clamp(min=0)).to(dev)
+    ids = ids.to(dev)
     cache = _cache(kv, batch) or DynamicCache()
     stops = eos_ids(model, tok)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -167,7 +174,7 @@ def generate(model, tok, kv: KV | None, prompts: list[list[int]], n: int, max_ne
     for _ in range(max_new):
         logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        nxt = _sample(logits, temperature, top_p, generator)
+        nxt = _sample(logits, temperature, top_p, generator).cpu()
         for i in torch.nonzero(alive).flatten().tolist():
             t = int(nxt[i])
             if t in stops:
@@ -176,8 +183,8 @@ def generate(model, tok, kv: KV | None, prompts: list[list[int]], n: int, max_ne
                 out[i].append(t)
         if not alive.any():
             break
-        ids = nxt.unsqueeze(1)
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+        ids = nxt.unsqueeze(1).to(dev)
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long, device=dev)], dim=1)
         positions = positions[:, -1:] + 1
     return out
 
@@ -192,8 +199,9 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     sorted_p = (top - scaled.logsumexp(-1, keepdim=True)).exp()
     keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
     sorted_p = sorted_p * keep
-    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)
+    # drawn on the CPU with the CPU generator: the same seed draws the same way on every device
+    choice = torch.multinomial((sorted_p / sorted_p.sum(-1, keepdim=True)).cpu(), 1, generator=generator)
+    return order.gather(-1, choice.to(order.device)).squeeze(-1)
 
 
 def mlps(model) -> list:
@@ -217,12 +225,54 @@ def channel_hook(model, fn: Callable[[int, torch.Tensor], torch.Tensor | None]) 
             h.remove()
 
 
+def real_tokens(lengths: list[int], h: torch.Tensor) -> torch.Tensor:
+    """(B, S) mask of the real (unpadded) positions of a right-padded batch (B, S, ...) of these lengths."""
+    return torch.arange(h.shape[1], device=h.device)[None, :] < torch.tensor(lengths, device=h.device)[:, None]
+
+
+@torch.no_grad()
+def channel_activations(model, seqset: SeqSet, batch: int, pad_id: int, fn: Callable[[int, torch.Tensor], None],
+                        with_prefix: bool = False) -> int:
+    """Run `seqset` through the model and call fn(layer, h) with h (N, I): act(gate)*up at the real (unpadded)
+    tokens of each batch, the shared prefix's tokens once when `with_prefix`. Returns the tokens seen."""
+    lengths: list[int] = []
+
+    def real(i: int, h: torch.Tensor) -> None:  # h: (B, S, I)
+        fn(i, h[real_tokens(lengths, h)])
+
+    seen = 0
+    if with_prefix and seqset.prefix:
+        lengths[:] = [len(seqset.prefix)]
+        with channel_hook(model, real):
+            kv = prefix_kv(model, seqset.prefix)
+        seen += len(seqset.prefix)
+    else:
+        kv = prefix_kv(model, seqset.prefix)
+    with channel_hook(model, real):
+        for i in range(0, len(seqset.seqs), batch):
+            chunk = seqset.seqs[i:i + batch]
+            lengths[:] = [len(s.ids) for s in chunk]
+            seen += sum(lengths)
+            forward(model, kv, [s.ids for s in chunk], pad_id)
+    return seen
+
+
 def batches(items: list, size: int, rng: torch.Generator) -> Iterator[list]:
     """Endless shuffled batches (reshuffled each epoch, seeded)."""
     while True:
         order = torch.randperm(len(items), generator=rng).tolist()
         for i in range(0, len(order) - size + 1 if len(order) >= size else 1, size):
             yield [items[j] for j in order[i:i + size]]
+
+
+def require_device(device: str) -> None:
+    """Raise ConfigError (naming the setting) when torch cannot use `device`."""
+    if device == "cpu":
+        return
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device} asked for, but this torch ({torch.__version__}) sees "
+                          f"{torch.cuda.device_count()} CUDA devices; build with --device cpu")
 
 
 def set_threads(threads: int) -> None:

@@ -30,6 +30,7 @@ from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
 from builder.evaluate import evaluate, gate
 from builder.heal import heal
+from builder.refit import gram_matrices, refit_down
 from builder.judge import PersonaJudge
 from builder.selection import SelectionData, select_channels
 from builder.shrink import save_checkpoint, slice_ffn
@@ -64,7 +65,9 @@ class RosterContext:
         start = time.process_time()
         lm.set_threads(config.threads)
         dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+        lm.require_device(config.device)
         model, tok = load_model(base, dtype)
+        model.to(config.device)
         for p in model.parameters():
             p.requires_grad_(False)
         paragraphs = load_paragraphs()
@@ -133,18 +136,27 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     say(f"selection: {config.method}, keeping {k} of {n_channels} FFN channels per layer")
     kept = select_channels(config.method, ctx.model, SelectionData(persona, generic), k, config, pad)
 
-    say(f"heal: {config.heal_steps} distillation steps")
     student, _ = load_model(base, torch.float32)
-    slice_ffn(student, kept)
+    student.to(ctx.model.device)
     heal_data = config.heal_data if config.heal_data != "auto" else (
         "generic" if config.method in GENERIC_METHODS else "persona")
-    heal_stats = heal(student, ctx.model, persona if heal_data == "persona" else generic, config, pad)
+    heal_set = persona if heal_data == "persona" else generic
+    refit_stats: dict = {}
+    if config.refit:
+        say("refit: least-squares down_proj of the kept channels")
+        grams, tokens = gram_matrices(ctx.model, heal_set, config.forward_batch, pad, config.refit_folds)
+        refit_stats = {"tokens": tokens, **refit_down(student, kept, grams, config.refit_ridges)}
+        del grams
+    slice_ffn(student, kept)
+    say(f"heal: {config.heal_steps} distillation steps")
+    heal_stats = heal(student, ctx.model, heal_set, config, pad)
 
     say("shrink: writing the checkpoint")
+    student.to("cpu")
     checkpoint = save_checkpoint(student, base.path, Path(workdir) / "checkpoint")
 
     say(f"evaluate: {len(cal.heldout)} held-out queries, dense vs pruned")
-    pruned = copy.deepcopy(student).to(ctx.model.dtype)
+    pruned = copy.deepcopy(student).to(device=ctx.model.device, dtype=ctx.model.dtype)
     # the judge tells the character from the same reference personas the sensitivity filter contrasted it with
     others = [judge_prompt(r, config.user_name) for r in references(character, ctx, config.n_reference_personas)]
     n_eval_generic = len(ctx.generic_eval)
@@ -159,7 +171,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
                     "base_intermediate_size": n_channels, "heal_data": heal_data,
                     "params_dense": sum(p.numel() for p in ctx.model.parameters()),
                     "params_pruned": sum(p.numel() for p in student.parameters()),
-                    "calibration": cal.stats, "heal": heal_stats, "cpu_seconds": cpu})
+                    "calibration": cal.stats, "refit": refit_stats, "heal": heal_stats, "cpu_seconds": cpu})
     if not passed:
         log.warning("%s failed the quality gate: %s", character.id, "; ".join(reasons))
     return PruneResult(checkpoint, [k_.tolist() for k_ in kept], metrics, passed, reasons, samples, cpu)

@@ -37,28 +37,11 @@ def _rows(seqset: lm.SeqSet, batch: int) -> list[list[lm.Seq]]:
     return [seqset.seqs[i:i + batch] for i in range(0, len(seqset.seqs), batch)]
 
 
-def _real(lengths: list[int], h: torch.Tensor) -> torch.Tensor:
-    """(B, S) mask of the real (unpadded) positions of a right-padded batch."""
-    return torch.arange(h.shape[1]).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-
-
-@torch.no_grad()
 def activation_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[torch.Tensor]:
     """Mean |act*up| per channel over the real tokens × the L2 norm of the channel's down_proj column."""
     mlps = lm.mlps(model)
-    sums = [torch.zeros(m.down_proj.in_features) for m in mlps]
-    count = 0
-    lengths: list[int] = []
-
-    def record(i: int, h: torch.Tensor) -> None:
-        sums[i].add_(h[_real(lengths, h)].abs().float().sum(0))
-
-    kv = lm.prefix_kv(model, seqset.prefix)
-    with lm.channel_hook(model, record):
-        for chunk in _rows(seqset, batch):
-            lengths[:] = [len(s.ids) for s in chunk]
-            count += sum(lengths)
-            lm.forward(model, kv, [s.ids for s in chunk], pad_id)
+    sums = [torch.zeros(m.down_proj.in_features, device=model.device) for m in mlps]
+    count = lm.channel_activations(model, seqset, batch, pad_id, lambda i, h: sums[i].add_(h.abs().float().sum(0)))
     return [s / max(count, 1) * m.down_proj.weight.float().norm(dim=0) for s, m in zip(sums, mlps)]
 
 
@@ -70,15 +53,15 @@ def magnitude_score(model) -> list[torch.Tensor]:
 @torch.no_grad()
 def wanda_sp_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[torch.Tensor]:
     mlps = lm.mlps(model)
-    h_sq = [torch.zeros(m.down_proj.in_features) for m in mlps]
-    x_sq = [torch.zeros(m.gate_proj.in_features) for m in mlps]
+    h_sq = [torch.zeros(m.down_proj.in_features, device=model.device) for m in mlps]
+    x_sq = [torch.zeros(m.gate_proj.in_features, device=model.device) for m in mlps]
     lengths: list[int] = []
 
     def add_x(i: int, x: torch.Tensor) -> None:
-        x_sq[i].add_(x[_real(lengths, x)].float().pow(2).sum(0))
+        x_sq[i].add_(x[lm.real_tokens(lengths, x)].float().pow(2).sum(0))
 
     def add_h(i: int, h: torch.Tensor) -> None:
-        h_sq[i].add_(h[_real(lengths, h)].float().pow(2).sum(0))
+        h_sq[i].add_(h[lm.real_tokens(lengths, h)].float().pow(2).sum(0))
 
     handles = [m.register_forward_pre_hook(lambda mod, args, i=i: add_x(i, args[0])) for i, m in enumerate(mlps)]
     try:
@@ -98,11 +81,12 @@ def wanda_sp_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[to
 
 
 def taylor_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[torch.Tensor]:
-    ones = [torch.ones(m.down_proj.in_features, requires_grad=True) for m in lm.mlps(model)]
+    ones = [torch.ones(m.down_proj.in_features, requires_grad=True, device=model.device) for m in lm.mlps(model)]
     with lm.channel_hook(model, lambda i, h: h * ones[i].to(h.dtype)):
         for chunk in _rows(seqset, batch):
             logits = lm.forward(model, None, [s.ids for s in chunk], pad_id).logits
-            loss = torch.nn.functional.cross_entropy(lm.target_logits(logits, chunk).float(), lm.target_ids(chunk))
+            loss = torch.nn.functional.cross_entropy(lm.target_logits(logits, chunk).float(),
+                                                     lm.target_ids(chunk, model.device))
             loss.backward()
     return [o.grad.abs() for o in ones]
 

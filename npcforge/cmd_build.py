@@ -22,12 +22,14 @@ from npcforge.ui import Failed, emit_json
 @click.option("--ffn-precision", type=click.Choice(["fp32", "int8", "int4"]),
               help="Precision of the character's own FFN weights (default: --precision); int4 halves their memory.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="A local HF folder instead of the default.")
+@click.option("--device", help="Torch device for pruning and evaluation: cpu (default) or cuda[:N]. Export and "
+              "verification run on the CPU either way.")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Characters built in parallel processes.")
 @click.option("--force", is_flag=True, help="Rebuild characters whose artifact is up to date.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_keep: float | None,
-          method: str | None, precision: str | None, ffn_precision: str | None, base_model: str | None, jobs: int,
-          force: bool, as_json: bool) -> None:
+          method: str | None, precision: str | None, ffn_precision: str | None, base_model: str | None,
+          device: str | None, jobs: int, force: bool, as_json: bool) -> None:
     """Build a pruned, exported, verified model for every character file in CHARDIR.
 
     Unchanged characters are skipped in seconds; each artifact appears complete or not at all. Exit code 1 when
@@ -39,11 +41,15 @@ def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_
 
     overrides: dict[str, Any] = {k: v for k, v in dict(ffn_keep=ffn_keep, method=method,
                                                        precision=precision,
-                                                       ffn_precision=ffn_precision).items() if v is not None}
+                                                       ffn_precision=ffn_precision,
+                                                       device=device).items() if v is not None}
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
     try:
-        resolve_config(preset, overrides)
+        config = resolve_config(preset, overrides)
+        if config.device != "cpu":
+            from builder.lm import require_device
+            require_device(config.device)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
 

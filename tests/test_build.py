@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from builder.artifact import check_artifact, read_manifest
 from builder.build import build_roster
@@ -93,6 +94,9 @@ def test_usage_errors_exit_2(small_roster: Path, tmp_path: Path, tiny_base: Path
     assert r.returncode == 2 and "nobody" in r.stderr
     r = _cli("build", small_roster, "-o", tmp_path / "d", "--ffn-keep", "1.5")
     assert r.returncode == 2 and "ffn_keep" in r.stderr
+    if not torch.cuda.is_available():  # CI has no GPU: asking for one is a usage error that says what to do
+        r = _cli("build", small_roster, "-o", tmp_path / "d", "--base-model", tiny_base, "--device", "cuda")
+        assert r.returncode == 2 and "device: cuda" in r.stderr and "--device cpu" in r.stderr
 
 
 def test_kill_9_mid_build_leaves_no_partial_artifact_and_resumes(small_roster: Path, tmp_path: Path,

@@ -18,10 +18,18 @@ def test_layers_apply_in_order():
     ({"method": "random"}, "method"),
     ({"precision": "int3"}, "precision"),
     ({"mask_steps": 2.5}, "mask_steps"),
+    ({"device": "gpu"}, "device"),
+    ({"refit_ridges": "0.1,-1"}, "refit_ridges"),
+    ({"refit_folds": 1}, "refit_folds"),
 ])
 def test_bad_settings_name_the_field(layer, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
         resolve_config("default", layer)
+
+
+def test_tuples_come_from_lists_or_comma_separated_text():
+    assert resolve_config("default", {"refit_ridges": "0.1, 1"}).refit_ridges == (0.1, 1.0)
+    assert resolve_config("default", {"refit_ridges": [3]}).refit_ridges == (3.0,)
 
 
 def test_unknown_preset():

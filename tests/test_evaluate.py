@@ -72,6 +72,10 @@ class _Parrot(torch.nn.Module):
         self.real, self.script, self.step = real, script, 0
         self.config, self.generation_config = real.config, real.generation_config
 
+    @property
+    def device(self) -> torch.device:
+        return self.real.device
+
     def forward(self, input_ids, logits_to_keep=0, **kwargs):
         out = self.real(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
         if logits_to_keep == 1:  # a decoding step (the prompt's own prefill is left alone)

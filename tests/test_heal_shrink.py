@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from builder import lm
 from builder.basemodel import load_model
 from builder.heal import heal
+from builder.refit import gram_matrices, refit_down
 from builder.shrink import save_checkpoint, slice_ffn
 from tests.prunekit import tiny_config
 
@@ -77,3 +78,85 @@ def test_heal_lowers_kl_and_respects_scope(models, scope):
         changed = not torch.equal(before[name], p.detach())
         assert p.dtype == torch.float32
         assert changed == (scope == "all" or ".mlp." in name), name
+
+
+def _kl(dense, student, data, pad):
+    with torch.no_grad():
+        rows = [s.ids for s in data.seqs]
+        t = lm.target_logits(lm.forward(dense, lm.prefix_kv(dense, data.prefix), rows, pad).logits, data.seqs)
+        s = lm.target_logits(lm.forward(student, lm.prefix_kv(student, data.prefix), rows, pad).logits, data.seqs)
+    return lm.kl_per_token(t, s).mean().item()
+
+
+def test_gram_counts_each_real_token_once(models):
+    dense, tok = models
+    data = _data(tok)
+    parts, tokens = gram_matrices(dense, data, 2, tok.pad_token_id, folds=2)  # batch 2: a batch is padded
+    grams = [sum(p.values()) for p in parts]
+    assert sorted(sorted(k) for k in parts[0]) == [[], [0], [1]]  # the prompt, then sequences by fold
+    assert tokens == len(data.prefix) + sum(len(s.ids) for s in data.seqs)
+    expected = [torch.zeros_like(g, dtype=torch.float64) for g in grams]
+    captured: list[torch.Tensor] = []
+    with lm.channel_hook(dense, lambda i, h: captured.append((i, h[0].double()))), torch.no_grad():
+        for s in data.seqs:  # each whole sequence alone, unpadded; the prompt once
+            dense(input_ids=torch.tensor([data.prefix + s.ids]))
+    for n, (i, h) in enumerate(captured):
+        h = h if n < len(grams) else h[len(data.prefix):]
+        expected[i] += h.T @ h
+    for g, e in zip(grams, expected):
+        assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-4)
+    first = [torch.zeros_like(e) for e in expected]  # fold 0 holds sequences 0 and 2, not the prompt
+    captured.clear()
+    with lm.channel_hook(dense, lambda i, h: captured.append((i, h[0].double()))), torch.no_grad():
+        for s in data.seqs[0::2]:
+            dense(input_ids=torch.tensor([data.prefix + s.ids]))
+    for i, h in captured:
+        first[i] += h[len(data.prefix):].T @ h[len(data.prefix):]
+    for p, e in zip(parts, first):
+        assert torch.allclose(p[frozenset({0})].double(), e, rtol=1e-4, atol=1e-4)
+
+
+def test_refit_keeps_full_width_and_lowers_the_error_of_a_cut(models):
+    dense, tok = models
+    data, pad = _data(tok), tok.pad_token_id
+    grams, _ = gram_matrices(dense, data, 3, pad, folds=2)
+    n = dense.config.intermediate_size
+    same = copy.deepcopy(dense)
+    stats = refit_down(same, [torch.arange(n)] * 2, grams, (0.01,))
+    assert stats["error_after"] < 1e-6
+    for a, b in zip(same.parameters(), dense.parameters()):
+        assert (a - b).abs().max() < 1e-3 * b.abs().max()
+
+    kept = [torch.arange(0, n, 2), torch.arange(1, n, 2)]
+    plain, refit = copy.deepcopy(dense), copy.deepcopy(dense)
+    stats = refit_down(refit, kept, grams, (0.01,))
+    assert stats["error_after"] < 0.8 * stats["error_before"]
+    for (name, a), b in zip(refit.named_parameters(), dense.parameters()):
+        assert torch.equal(a, b) == ("down_proj" not in name), name  # only the character's FFN output moves
+    slice_ffn(plain, kept)
+    slice_ffn(refit, kept)
+    assert _kl(dense, refit, data, pad) < 0.8 * _kl(dense, plain, data, pad)
+
+
+@pytest.mark.parametrize("predictable", [True, False])
+def test_refit_cross_validation_fits_only_what_generalises(models, predictable):
+    """Constructed activations: when the cut channels are a linear function of the kept ones, any fit generalises
+    and the smallest ridge wins; when they are noise and each fold has fewer tokens than kept channels, a fit
+    memorises its fold and the largest ridge (keep the weights) must win."""
+    dense, _ = models
+    n = dense.config.intermediate_size
+    kept = torch.arange(n // 2)
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(n // 2, n // 2, generator=g) / 8
+
+    def fold(tokens: int) -> torch.Tensor:
+        h_s = torch.randn(tokens, n // 2, generator=g)
+        h_r = h_s @ mix if predictable else torch.randn(tokens, n // 2, generator=g)
+        h = torch.cat([h_s, h_r], dim=1)
+        return h.T @ h
+
+    tokens = 400 if predictable else 40
+    parts = {frozenset(): torch.zeros(n, n), frozenset({0}): fold(tokens), frozenset({1}): fold(tokens)}
+    student = copy.deepcopy(dense)
+    stats = refit_down(student, [kept, kept], [parts, parts], (0.01, 100.0))
+    assert stats["ridge_per_layer"] == ([0.01, 0.01] if predictable else [100.0, 100.0])

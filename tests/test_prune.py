@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -26,7 +28,7 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
     result = prune_character(character, ctx, base, config, tmp_path / "a", stages.append)
 
     assert [s.split(":")[0] for s in stages if not s.startswith("calibration")] == [
-        "selection", "heal", "shrink", "evaluate"]
+        "selection", "refit", "heal", "shrink", "evaluate"]
     k = round_channels(128, 0.5, 16)
     assert len(result.kept_channels) == 2 and all(len(c) == k for c in result.kept_channels)
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
@@ -62,3 +64,18 @@ def test_baseline_method_heals_on_generic_text(tiny_base, roster_dir, tmp_path, 
     result = prune_character(ctx.characters[0], ctx, ensure_base_model(tiny_base),
                              tiny_config(method="magnitude", ffn_keep=0.75, teacher_url=teacher_server), tmp_path)
     assert result.metrics["heal_data"] == "generic" and result.metrics["intermediate_size"] == 96
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: runs on a GPU build server")
+def test_prune_character_on_cuda_agrees_with_cpu(tiny_base, roster_dir, tmp_path, teacher_server):
+    base = ensure_base_model(tiny_base)
+    results = {}
+    for device in ("cpu", "cuda"):  # fp32 on both: bf16 kernels differ between devices more than this checks
+        settings = dict(ffn_keep=0.5, teacher_url=teacher_server, device=device, dtype="fp32")
+        ctx = tiny_context(tiny_base, roster_dir, **settings)
+        results[device] = prune_character(ctx.characters[2], ctx, base, tiny_config(**settings), tmp_path / device)
+    cpu, cuda = results["cpu"], results["cuda"]
+    same = sum(len(set(a) & set(b)) for a, b in zip(cpu.kept_channels, cuda.kept_channels))
+    assert same >= 0.9 * sum(len(a) for a in cpu.kept_channels)
+    assert abs(cpu.metrics["kl"] - cuda.metrics["kl"]) <= 0.1 * cpu.metrics["kl"] + 1e-3
+    assert AutoModelForCausalLM.from_pretrained(cuda.checkpoint).config.intermediate_size == len(cpu.kept_channels[0])
