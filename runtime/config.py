@@ -48,6 +48,9 @@ class RuntimeConfig:
     top_k: int = 40
     repetition_penalty: float = 1.1  # small models loop (FACTS 4d); 1.0 turns it off
     repetition_window: int = 64  # last N context tokens the penalty looks at (llama.cpp's repeat_last_n)
+    # text deltas a slow reader may leave unread before its generation pauses (it resumes when half are read):
+    # a stalled client costs a paused slot, not max_tokens of decoding
+    stream_backlog: int = 64
     prefill_chunk: int = 256  # long prompts prefill in chunks so one big prompt cannot stall other conversations
     # KV cache in preallocated OrtValue buffers written in place (GroupQueryAttention's static cache) instead of numpy
     # arrays the graph concatenates every step: same logits, 7 % faster per step at 300 cached tokens, 32 % at 1500.

@@ -42,12 +42,15 @@ _DONE = object()
 
 
 class ChatStream:
-    """Iterate for text deltas; `cancel()` stops within one decoding step; `result` is set when iteration ends."""
+    """Iterate for text deltas; `cancel()` stops within one decoding step; `result` is set when iteration ends.
+    A reader that falls `backlog` deltas behind pauses the generation until it has read half of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, backlog: int = 0) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
         self._closed = False
+        self.backlog = backlog  # 0 = never pause
+        self._resume: Callable[[], None] | None = None  # set by the Scheduler while the generation is paused
         self.result: ChatResult | None = None
 
     def __iter__(self) -> "ChatStream":
@@ -57,6 +60,9 @@ class ChatStream:
         if self._closed:
             raise StopIteration
         item = self._queue.get()
+        resume = self._resume
+        if resume is not None and self.unread() <= self.backlog // 2:
+            resume()
         if item is _DONE:
             self._closed = True
             raise StopIteration
@@ -67,6 +73,15 @@ class ChatStream:
 
     def cancel(self) -> None:
         self._cancelled.set()
+        resume = self._resume
+        if resume is not None:  # a paused generation must take one more step to see it
+            resume()
+
+    def unread(self) -> int:
+        return self._queue.qsize()
+
+    def behind(self) -> bool:
+        return self.backlog > 0 and self.unread() >= self.backlog and not self.cancelled
 
     @property
     def cancelled(self) -> bool:
@@ -205,13 +220,15 @@ class Generation:
 
 
 class Scheduler:
-    """Worker threads taking turns over the active generations: one step each, then back of the queue."""
+    """Worker threads taking turns over the active generations: one step each, then back of the queue; a
+    generation whose reader has fallen behind is set aside (paused) until the reader catches up or cancels."""
 
     def __init__(self, workers: int) -> None:
         self._ready: deque[Generation] = deque()
         self._cv = threading.Condition()
         self._stopping = False
         self._live: set[Generation] = set()
+        self._paused: set[Generation] = set()
         self._threads = [threading.Thread(target=self._work, name=f"npc-worker-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -237,14 +254,34 @@ class Scheduler:
             with self._cv:
                 if done:
                     self._live.discard(gen)
+                    continue
+                # the resume hook goes in before the check: a reader draining meanwhile finds it (and waits for
+                # this lock), and a paused stream holds `backlog` unread deltas, so its reader will come back
+                gen.stream._resume = lambda gen=gen: self._unpause(gen)
+                if gen.stream.behind():
+                    self._paused.add(gen)
                 else:
+                    gen.stream._resume = None
                     self._ready.append(gen)
                     self._cv.notify()
+
+    def _unpause(self, gen: Generation) -> None:
+        with self._cv:
+            if gen in self._paused:
+                self._paused.discard(gen)
+                gen.stream._resume = None
+                self._ready.append(gen)
+                self._cv.notify()
 
     @property
     def active(self) -> int:
         with self._cv:
             return len(self._live)
+
+    @property
+    def paused(self) -> int:
+        with self._cv:
+            return len(self._paused)
 
     def close(self) -> None:
         """Cancel what is still running, let each finish its current step, and stop the workers."""

@@ -234,7 +234,7 @@ class NPCPool:
                 model.template, model.persona, messages, model.character.get("post_history_instructions") or "",
                 model.max_context - params.max_tokens, self.config.overflow_target)
             conv.messages = kept  # before the worker may finish the reply and append to it
-            stream = ChatStream()
+            stream = ChatStream(self.config.stream_backlog)
             self._scheduler.submit(Generation(model, conv, target, params, truncated, stream, self._finished, t0))
         except BaseException:
             with self._lock:
@@ -339,7 +339,8 @@ class NPCPool:
                     "sessions": len(self._convs), "cached_sessions": len(self._kv_lru),
                     "kv_cache_mb": round(sum(self._kv_lru.values()) / MB, 2),
                     "persona_cache_mb": round(sum(self._persona_lru.values()) / MB, 2),
-                    "active_generations": self._scheduler.active, "threads": self.threads,
+                    "active_generations": self._scheduler.active, "paused_generations": self._scheduler.paused,
+                    "threads": self.threads,
                     "global_thread_pool": self.global_pool,
                     "workers": self.config.resolved_workers()}
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from builder.config import BuildConfig, ConfigError
-from builder.export import (BIG_ALIGN, ExportError, dequantize_blocks, export_onnx, quantize_blocks)
+from builder.export import BIG_ALIGN, ExportError, export_onnx
+from builder.quant import dequantize_blocks, quantize_blocks
 from tests.slicing import slice_ffn
 
 

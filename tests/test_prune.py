@@ -28,7 +28,7 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
     result = prune_character(character, ctx, base, config, tmp_path / "a", stages.append)
 
     assert [s.split(":")[0] for s in stages if not s.startswith("calibration")] == [
-        "selection", "refit", "heal", "shrink", "evaluate"]
+        "selection", "refit", "heal", "gptq", "shrink", "evaluate"]
     k = round_channels(128, 0.5, 16)
     assert len(result.kept_channels) == 2 and all(len(c) == k for c in result.kept_channels)
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint)

@@ -190,3 +190,31 @@ def test_failing_step_ends_only_that_reply(tiny_dist: Path):
         assert pool.chat(b, "s", "Hello!", max_tokens=3, **GREEDY).wait().completion_tokens >= 1  # workers live
         model.forward = real_forward
         assert pool.chat(a, "s", "Hello!", max_tokens=3, **GREEDY).wait().completion_tokens >= 1
+
+
+def _until(check, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_slow_reader_pauses_only_its_own_generation(tiny_dist: Path):
+    with NPCPool(tiny_dist, threads=1, config=RuntimeConfig(stream_backlog=6)) as pool:
+        a, b = ids(pool)[:2]
+        long = dict(max_tokens=300, temperature=1.0, top_k=0, seed=2, stop=[])
+        slow = pool.chat(a, "slow", "Tell me a long story.", **long)
+        _until(lambda: pool.stats()["paused_generations"] == 1)
+        behind = slow.unread()
+        assert 6 <= behind <= 7
+        other = pool.chat(b, "other", "Tell me a long story.", **long).wait()  # not held up by the unread one
+        assert other.completion_tokens > behind
+        assert slow.unread() == behind and pool.stats()["paused_generations"] == 1  # no decoding while unread
+        text = "".join(slow)  # reading resumes it, to the end
+        assert slow.result.text == text and slow.result.completion_tokens > behind
+        assert pool.stats()["paused_generations"] == 0
+
+        again = pool.chat(a, "slow2", "Tell me a long story.", **long)
+        _until(lambda: pool.stats()["paused_generations"] == 1)
+        again.cancel()  # a paused generation still ends at once
+        assert again.wait().finish_reason == "cancelled" and pool.stats()["active_generations"] == 0

@@ -1,0 +1,72 @@
+"""GPTQ quantisation of the character's FFN: exact where it must be, better where it claims, and exported right."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from builder import lm
+from builder.basemodel import load_model
+from builder.config import BuildConfig
+from builder.export import export_onnx
+from builder.gptq import ffn_hessians, gptq_blocks, load_hessians, save_hessians
+from builder.quant import dequantize_blocks, quantize_blocks
+
+
+@pytest.mark.parametrize("bits,k,block", [(4, 80, 32), (8, 64, 32)])
+def test_uncorrelated_inputs_give_round_to_nearest(bits: int, k: int, block: int) -> None:
+    """With H ∝ I no column's error can be compensated by another: the codes are exactly round-to-nearest."""
+    w = np.random.RandomState(k).randn(16, k).astype(np.float32)
+    ours = gptq_blocks(w, 3.0 * np.eye(k), bits, block, 0.01)
+    for a, b in zip(ours, quantize_blocks(w, bits, block)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_correlated_inputs_get_a_smaller_output_error(bits: int) -> None:
+    rng = np.random.RandomState(bits)
+    k, n = 128, 48
+    # (tokens, K): inputs with a few strong directions, as a layer's activations have
+    x = rng.randn(2048, 16) @ rng.randn(16, k) + 0.1 * rng.randn(2048, k)
+    w = rng.randn(n, k).astype(np.float32)
+
+    def output_error(q) -> float:
+        return float(np.square(x @ (w - dequantize_blocks(*q, bits, k)).T).sum())
+
+    rtn, ours = output_error(quantize_blocks(w, bits, 64)), output_error(gptq_blocks(w, x.T @ x, bits, 64, 0.01))
+    assert ours < 0.5 * rtn
+
+
+def test_export_with_hessians_is_closer_to_the_checkpoint(tiny_base: Path, tmp_path: Path) -> None:
+    model, tok = load_model(tiny_base)
+    rng = np.random.RandomState(0)
+    data = lm.SeqSet([], [lm.Seq(rng.randint(3, 500, size=48).tolist(), [True] * 48) for _ in range(24)])
+    hessians = ffn_hessians(model, data, 8, tok.pad_token_id)
+    assert set(hessians) == {f"layers.{i}.{p}" for i in range(2) for p in ("mlp_input", "down_input")}
+    assert hessians["layers.0.down_input"].trace() > 0 and hessians["layers.0.mlp_input"].shape == (64, 64)
+    path = save_hessians(hessians, tmp_path / "h.safetensors")
+    assert np.array_equal(load_hessians(path)["layers.1.mlp_input"], hessians["layers.1.mlp_input"])
+
+    # only the FFN quantised, computed in fp32 (accuracy_level 0): the error measured is the FFN's own
+    config = BuildConfig(precision="fp32", ffn_precision="int4", accuracy_level=0)
+    errors = {}
+    for label, h in (("rtn", None), ("gptq", path)):
+        result = export_onnx(tiny_base, tmp_path / label, config, h)
+        sess = ort.InferenceSession(str(result.model_file), providers=["CPUExecutionProvider"])
+        err = 0.0
+        for s in data.seqs[:8]:  # the sequences the statistics came from: what GPTQ optimises for
+            ids = np.array([s.ids], np.int64)
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            feed.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+                         for i in sess.get_inputs()[2:]})
+            last = sess.run(["logits"], feed)[0][0, -1]
+            with torch.no_grad():
+                ref = model(torch.tensor(ids)).logits[0, -1].numpy()
+            err += float(np.square(last - ref).mean())
+        errors[label] = err
+    # random weights make near-isotropic activations, so the gain is small here (0.097 vs 0.112); the strong
+    # effect on correlated inputs is the test above
+    assert errors["gptq"] < 0.95 * errors["rtn"], errors
