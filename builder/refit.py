@@ -7,9 +7,9 @@ carry what R carried, as far as h_S predicts h_R on this character's tokens:
     W'_S = argmin Σ_t ‖W h_t − W'_S h_S,t‖² + λ‖W'_S − W_S‖²  =  (W G[:, S] + λ W_S) (G[S, S] + λ I)⁻¹
 
 with G = Σ_t h_t h_tᵀ, the Gram matrix of act(gate)*up over the dense model's tokens (one forward pass, no
-gradients: a few CPU-seconds), and λ = ridge × the mean of diag(G[S, S]), which pulls poorly determined
-directions back to the original weights; the ridge is chosen per layer by cross-validation on the training
-sequences (`refit_ridges`, `refit_folds`). This is the least-squares step of structured-pruning methods such as
+gradients) and a few solves (36 s on 2 CPU threads at 135M), and λ = ridge × the mean of diag(G[S, S]), which
+pulls poorly determined directions back to the original weights; the ridge is chosen per layer by
+cross-validation over the calibration queries (`refit_ridges`, `refit_folds`). This is the least-squares step of structured-pruning methods such as
 FLAP and SlimGPT; here it only moves the starting point of the gradient healing that follows, and it touches
 nothing but the character's own FFN, so every shared tensor stays bit-identical.
 
@@ -85,7 +85,9 @@ def refit_down(student, kept: list[torch.Tensor], grams: list[dict[frozenset, to
         w = mlp.down_proj.weight.float()  # (D, I)
         idx = torch.as_tensor(idx, dtype=torch.long, device=w.device)
         total = sum(parts.values())
-        valid = sorted(f for key in parts if len(key) == 1 for f in key)
+        # a fold validates when it has sequences of its own and the other folds leave something to fit on
+        valid = sorted(f for key in parts if len(key) == 1 for f in key
+                       if any(f not in other for other in parts))
         cv = [sum(_error(w, idx, _solve(w, sum(g for key, g in parts.items() if f not in key), idx, r),
                          parts[frozenset([f])]) for f in valid) for r in ridges]
         # nothing to validate on (one sequence, say): the most conservative fit

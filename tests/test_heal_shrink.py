@@ -160,3 +160,13 @@ def test_refit_cross_validation_fits_only_what_generalises(models, predictable):
     student = copy.deepcopy(dense)
     stats = refit_down(student, [kept, kept], [parts, parts], (0.01, 100.0))
     assert stats["ridge_per_layer"] == ([0.01, 0.01] if predictable else [100.0, 100.0])
+
+
+def test_refit_with_nothing_to_validate_on_keeps_to_the_largest_ridge(models):
+    dense, tok = models
+    data = _data(tok)
+    one = lm.SeqSet([], data.seqs[:1])  # one sequence, no prompt: a single fold, nothing left to fit without it
+    grams, _ = gram_matrices(dense, one, 1, tok.pad_token_id, folds=2)
+    n = dense.config.intermediate_size
+    stats = refit_down(copy.deepcopy(dense), [torch.arange(n // 2)] * 2, grams, (0.01, 10.0))
+    assert stats["ridge_per_layer"] == [10.0, 10.0]
