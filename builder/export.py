@@ -210,7 +210,7 @@ _BITS = {"fp32": 0, "int8": 8, "int4": 4}
 
 def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: Path | None = None) -> ExportResult:
     """Write model.onnx + model.onnx.data for `checkpoint` at `config.precision` into out_dir. With `hessians`
-    (builder.gptq's statistics of the character's FFN inputs) and `config.gptq`, the FFN is GPTQ-quantised."""
+    (builder.gptq's statistics of the character's FFN inputs) and `config.gptq`, an int4 FFN is GPTQ-quantised."""
     t0 = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     cfg = json.loads((checkpoint / "config.json").read_text())
@@ -223,7 +223,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
     bits = _BITS[config.precision]
     ffn_bits = _BITS[config.ffn_precision or config.precision]  # a character's own weights may be narrower
     w = _load_weights(checkpoint)
-    hess = load_hessians(hessians) if hessians is not None and config.gptq else {}
+    hess = load_hessians(hessians) if hessians is not None and config.gptq and ffn_bits == 4 else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path, model_path = out_dir / DATA_FILE, out_dir / MODEL_FILE
 

@@ -154,7 +154,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     heal_stats = heal(student, ctx.model, heal_set, config, pad)
 
     hessians = None
-    if config.gptq and (config.ffn_precision or config.precision) != "fp32":
+    if config.gptq and (config.ffn_precision or config.precision) == "int4":
         say("gptq: activation statistics of the healed FFN for its quantisation")
         Path(workdir).mkdir(parents=True, exist_ok=True)
         hessians = save_hessians(ffn_hessians(student, heal_set, config.forward_batch, pad),

@@ -23,7 +23,8 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
     ctx = tiny_context(tiny_base, roster_dir)
     base = ensure_base_model(tiny_base)
     character = ctx.characters[2]
-    config = tiny_config(ffn_keep=0.5, teacher_url=teacher_server)  # the random tiny model only babbles
+    # the random tiny model only babbles; an int4 FFN makes the build gather GPTQ's statistics
+    config = tiny_config(ffn_keep=0.5, teacher_url=teacher_server, ffn_precision="int4")
     stages: list[str] = []
     result = prune_character(character, ctx, base, config, tmp_path / "a", stages.append)
 
@@ -34,6 +35,7 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
     assert model.config.intermediate_size == k
     assert (result.checkpoint / "tokenizer.json").is_file()
+    assert result.hessians is not None and result.hessians.is_file() and result.hessians.parent != result.checkpoint
 
     # FFN-only healing: every non-FFN tensor is bit-identical to the base (the runtime shares them)
     ours = load_file(result.checkpoint / "model.safetensors")
