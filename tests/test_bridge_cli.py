@@ -7,7 +7,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -123,20 +122,29 @@ def test_chat_usage_errors(tiny_dist, tmp_path):
                           timeout=60).returncode == 2
 
 
-def test_ctrl_c_cancels_the_current_reply(tiny_dist, capsys):
+def test_ctrl_c_cancels_the_current_reply(tiny_dist, capsys, monkeypatch):
     """A real SIGINT during a streamed reply cancels it on the server; the chat goes on."""
+    import click
+
     from npcforge.cmd_serve import _reply
     from plugin_bridge.clients.python.npcforge_client import Client
     from plugin_bridge.server import ThreadedServer
+
+    echo, printed = click.echo, []
+
+    def echo_then_interrupt(text="", **kw):  # the SIGINT comes with the reply's first token: surely mid-stream
+        echo(text, **kw)
+        printed.append(text)
+        if len(printed) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
 
     pool = SlowPool(tiny_dist, threads=1, delay=0.03)
     srv = ThreadedServer(pool, port=0)
     try:
         with Client(port=srv.addresses.tcp_port, timeout=30) as c:
-            timer = threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT))
-            timer.start()
+            monkeypatch.setattr(click, "echo", echo_then_interrupt)
             _reply(c, "Aldric", "aldric", "ctrl-c", "Talk", {"max_tokens": 300, "seed": 1})
-            timer.join()
+            monkeypatch.setattr(click, "echo", echo)
             assert capsys.readouterr().out.rstrip().endswith("[cancelled]")
             assert pool.history("aldric", "ctrl-c")[-1]["role"] == "assistant"
             _reply(c, "Aldric", "aldric", "ctrl-c", "Again", {"max_tokens": 3})
