@@ -138,6 +138,9 @@ def test_ctrl_c_cancels_the_current_reply(tiny_dist, capsys, monkeypatch):
         if len(printed) == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
+    # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started, and a shell ignores it for
+    # the jobs it starts with `&`: install the handler `npcforge chat` runs with in a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     pool = SlowPool(tiny_dist, threads=1, delay=0.03)
     srv = ThreadedServer(pool, port=0)
     try:
@@ -150,6 +153,7 @@ def test_ctrl_c_cancels_the_current_reply(tiny_dist, capsys, monkeypatch):
             _reply(c, "Aldric", "aldric", "ctrl-c", "Again", {"max_tokens": 3})
             assert not capsys.readouterr().out.rstrip().endswith("[cancelled]")
     finally:
+        signal.signal(signal.SIGINT, previous)
         srv.stop()
         pool.close()
 
