@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.config import BuildConfig
-from builder.gptq import gptq_blocks, load_hessians
+from builder.gptq import gptq_blocks, load_hessians, wanted as gptq_wanted
 from builder.quant import quantize_blocks
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
     bits = _BITS[config.precision]
     ffn_bits = _BITS[config.ffn_precision or config.precision]  # a character's own weights may be narrower
     w = _load_weights(checkpoint)
-    hess = load_hessians(hessians) if hessians is not None and config.gptq and ffn_bits == 4 else {}
+    hess = load_hessians(hessians) if hessians is not None and gptq_wanted(config) else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path, model_path = out_dir / DATA_FILE, out_dir / MODEL_FILE
 

@@ -24,6 +24,11 @@ import numpy as np
 from builder.quant import block_grid, pack_blocks, quantize_to_grid
 
 
+def wanted(config) -> bool:
+    """Whether a build quantises its character's FFN with GPTQ: only an int4 FFN (see above)."""
+    return config.gptq and (config.ffn_precision or config.precision) == "int4"
+
+
 def ffn_hessians(model, seqset, batch: int, pad_id: int) -> dict[str, np.ndarray]:
     """Σ x xᵀ (float32) over the real tokens of `seqset` (its prompt once) of each layer's two FFN inputs:
     `layers.{i}.mlp_input` (the normalised hidden state: gate_proj and up_proj) and `layers.{i}.down_input`

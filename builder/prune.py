@@ -29,10 +29,10 @@ from builder.calibration import (Calibration, Persona, calibrate, judge_prompt, 
 from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
 from builder.evaluate import evaluate, gate
-from builder.gptq import ffn_hessians, save_hessians
+from builder.gptq import ffn_hessians, save_hessians, wanted as gptq_wanted
 from builder.heal import heal
-from builder.refit import gram_matrices, refit_down
 from builder.judge import PersonaJudge
+from builder.refit import gram_matrices, refit_down
 from builder.selection import SelectionData, select_channels
 from builder.shrink import save_checkpoint, slice_ffn
 
@@ -154,7 +154,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     heal_stats = heal(student, ctx.model, heal_set, config, pad)
 
     hessians = None
-    if config.gptq and (config.ffn_precision or config.precision) == "int4":
+    if gptq_wanted(config):
         say("gptq: activation statistics of the healed FFN for its quantisation")
         Path(workdir).mkdir(parents=True, exist_ok=True)
         hessians = save_hessians(ffn_hessians(student, heal_set, config.forward_batch, pad),

@@ -55,23 +55,8 @@ def wanda_sp_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[to
     mlps = lm.mlps(model)
     h_sq = [torch.zeros(m.down_proj.in_features, device=model.device) for m in mlps]
     x_sq = [torch.zeros(m.gate_proj.in_features, device=model.device) for m in mlps]
-    lengths: list[int] = []
-
-    def add_x(i: int, x: torch.Tensor) -> None:
-        x_sq[i].add_(x[lm.real_tokens(lengths, x)].float().pow(2).sum(0))
-
-    def add_h(i: int, h: torch.Tensor) -> None:
-        h_sq[i].add_(h[lm.real_tokens(lengths, h)].float().pow(2).sum(0))
-
-    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: add_x(i, args[0])) for i, m in enumerate(mlps)]
-    try:
-        with lm.channel_hook(model, add_h):
-            for chunk in _rows(seqset, batch):
-                lengths[:] = [len(s.ids) for s in chunk]
-                lm.forward(model, None, [s.ids for s in chunk], pad_id)
-    finally:
-        for h in handles:
-            h.remove()
+    lm.channel_activations(model, seqset, batch, pad_id, lambda i, h: h_sq[i].add_(h.float().pow(2).sum(0)),
+                           on_input=lambda i, x: x_sq[i].add_(x.float().pow(2).sum(0)))
     scores = []
     for m, hs, xs in zip(mlps, h_sq, x_sq):
         down = m.down_proj.weight.float().abs().sum(0) * hs.sqrt()

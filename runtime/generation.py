@@ -255,15 +255,16 @@ class Scheduler:
                 if done:
                     self._live.discard(gen)
                     continue
-                # the resume hook goes in before the check: a reader draining meanwhile finds it (and waits for
-                # this lock), and a paused stream holds `backlog` unread deltas, so its reader will come back
-                gen.stream._resume = lambda gen=gen: self._unpause(gen)
-                if gen.stream.behind():
-                    self._paused.add(gen)
-                else:
+                if gen.stream.behind():  # rare: only then is a resume hook made
+                    # the hook goes in before the second check: a reader draining meanwhile finds it (and waits
+                    # for this lock), and a paused stream holds `backlog` unread deltas, so its reader comes back
+                    gen.stream._resume = lambda gen=gen: self._unpause(gen)
+                    if gen.stream.behind():
+                        self._paused.add(gen)
+                        continue
                     gen.stream._resume = None
-                    self._ready.append(gen)
-                    self._cv.notify()
+                self._ready.append(gen)
+                self._cv.notify()
 
     def _unpause(self, gen: Generation) -> None:
         with self._cv:
