@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from builder.artifact import builder_version  # noqa: E402
 from builder.basemodel import BaseModel, ensure_base_model, npcforge_home  # noqa: E402
 from builder.config import resolve_config, round_channels  # noqa: E402
 
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
              stats: Path | None = None) -> None:
         # exports are cached per checkpoint folder, settings and statistics (seconds each; optimum's takes minutes)
         config = resolve_config("default", {"precision": precision, "ffn_precision": ffn_precision})
-        tag = hashlib.sha256(f"{checkpoint.resolve()}:{config.fingerprint()}:{stats}".encode()).hexdigest()[:8]
+        key = f"{checkpoint.resolve()}:{config.fingerprint()}:{stats}:{builder_version()}"
+        tag = hashlib.sha256(key.encode()).hexdigest()[:8]
         folder = work / f"npcforge-{precision}-{checkpoint.name}-{tag}"
         if not (folder / "model.onnx").is_file():
             export_onnx(checkpoint, folder, config, stats)

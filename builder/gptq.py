@@ -3,15 +3,16 @@
 Round-to-nearest block quantisation treats every weight alike. GPTQ (Frantar et al., 2023) quantises a weight's
 input columns one at a time and moves each column's rounding error onto the columns not yet quantised, in
 proportion to the inverse Hessian H = Σ x xᵀ of that layer's inputs, so the layer's outputs on those inputs move
-least. Here the inputs are the character's own tokens (its healing data, prompt included) through its healed
-model: on magda's int4 FFN this lowered KL to the unquantised model from 0.127 to 0.049 nats/token and raised
-bench/export.py's probe top-1 from 46 to 58 of 64 (docs/artifact.md). Only a character's int4 FFN is quantised
-this way: at int8 rounding to nearest already agreed better (62/64 against 60: a few thousand tokens of statistics
-resolve less than int8's rounding error), and every shared tensor keeps its round-to-nearest bits, identical
-across characters.
+least. Columns go in act order (largest diag(H) first). Here the inputs are the character's own tokens (its
+healing data, prompt included) through its healed model: on magda's int4 FFN, KL to the unquantised model over
+384 answer tokens is 0.114 nats/token rounded to nearest, 0.038 with GPTQ in natural order and 0.027 in act order
+(docs/artifact.md; generic-text statistics gave 0.060). Only a character's int4 FFN is quantised this way: at int8
+rounding to nearest already agreed better (62/64 against 60: a few thousand tokens of statistics resolve less
+than int8's rounding error), and every shared tensor keeps its round-to-nearest bits, identical across characters.
 
-Blocks of `block` input columns share one scale and zero point (MatMulNBits' layout); a block's grid is set from
-its error-updated weights when the block starts, and its error reaches later blocks in one matrix product.
+Blocks of `block` input columns share one scale and zero point (MatMulNBits' layout). Act order visits a block's
+columns at different times, so each block's grid is set from its unquantised weights before any column moves;
+the error of each `block` visited columns reaches the later ones in one matrix product.
 
 `ffn_hessians` (torch, builder side) → a safetensors file beside the checkpoint → `gptq_blocks` (numpy, export side).
 """
@@ -75,22 +76,25 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     dead = np.diag(H) <= 0  # inputs never active here (and the padding): quantise them as they are
     H[dead, dead] = 1.0
     H[np.arange(width), np.arange(width)] += damp * np.diag(H).mean()
+    # grids first (see the module docstring), then the columns in act order
+    scales, zps = block_grid(W.reshape(n, nb, block).astype(np.float32), bits)  # (N, nb) each
+    order = np.argsort(-np.diag(H), kind="stable")  # ties (H ∝ I) keep the natural order: round to nearest
+    W, H = W[:, order], H[np.ix_(order, order)]
+    col_scale, col_zp = scales[:, order // block], zps[:, order // block]
     # U upper with U^T U = H^-1: column i's error spreads over the later columns by row i of U / U[i, i]
     U = np.linalg.cholesky(np.linalg.inv(H)).T
-    codes = np.zeros((n, nb, block), np.uint8)
-    scales = np.zeros((n, nb), np.float32)
-    zps = np.zeros((n, nb), np.uint8)
-    for b in range(nb):
-        lo, hi = b * block, (b + 1) * block
+    codes = np.zeros((n, width), np.uint8)
+    for lo in range(0, width, block):  # `block` columns at a time; their error reaches later ones in one product
+        hi = lo + block
         W1, U1 = W[:, lo:hi].copy(), U[lo:hi, lo:hi]
         errors = np.zeros_like(W1)
-        scale, zp = block_grid(W1.astype(np.float32), bits)
-        scales[:, b], zps[:, b] = scale, zp
         for i in range(block):
-            q = quantize_to_grid(W1[:, i:i + 1].astype(np.float32), scale, zp, bits)[:, 0]  # (N,)
-            codes[:, b, i] = q
-            err = (W1[:, i] - (q.astype(np.float64) - zp) * scale) / U1[i, i]
-            W1[:, i:] -= np.outer(err, U1[i, i:])
-            errors[:, i] = err
+            s, z = col_scale[:, lo + i], col_zp[:, lo + i]
+            q = quantize_to_grid(W1[:, i:i + 1].astype(np.float32), s, z, bits)[:, 0]  # (N,)
+            codes[:, lo + i] = q
+            errors[:, i] = (W1[:, i] - (q.astype(np.float64) - z) * s) / U1[i, i]
+            W1[:, i:] -= np.outer(errors[:, i], U1[i, i:])
         W[:, hi:] -= errors @ U[lo:hi, hi:]
-    return pack_blocks(codes, scales, zps, bits)
+    in_place = np.empty_like(codes)
+    in_place[:, order] = codes
+    return pack_blocks(in_place.reshape(n, nb, block), scales, zps, bits)

@@ -40,6 +40,20 @@ def test_correlated_inputs_get_a_smaller_output_error(bits: int) -> None:
     assert ours < 0.5 * rtn
 
 
+def test_the_strongest_input_is_quantised_first() -> None:
+    """Act order: the column with the most input energy is visited first, so it is rounded to nearest from its own
+    weights, while a column visited later carries the earlier columns' compensation."""
+    rng = np.random.RandomState(7)
+    k, n = 64, 32
+    x = rng.randn(4096, 8) @ rng.randn(8, k) + 0.1 * rng.randn(4096, k)
+    x[:, -1] *= 10.0  # the last input (natural order: quantised last) carries the most energy
+    w = rng.randn(n, k).astype(np.float32)
+    ours = dequantize_blocks(*gptq_blocks(w, x.T @ x, 4, 32, 0.01), 4, k)
+    rtn = dequantize_blocks(*quantize_blocks(w, 4, 32), 4, k)
+    assert np.array_equal(ours[:, -1], rtn[:, -1])
+    assert not np.array_equal(ours[:, 0], rtn[:, 0])
+
+
 def test_export_with_hessians_is_closer_to_the_checkpoint(tiny_base: Path, tmp_path: Path) -> None:
     model, tok = load_model(tiny_base)
     rng = np.random.RandomState(0)
