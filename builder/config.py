@@ -22,8 +22,8 @@ class ConfigError(ValueError):
 class BuildConfig:
     # --- what to build ---
     method: str = "persona-pruner"  # the paper's learned mask; baselines exist for the benchmark
-    ffn_keep: float = 0.75  # fraction of FFN channels kept; 0.75 comes closest to the gate on this CPU's budget
-    # (measured KL 0.41 > max_kl 0.30 at keep 0.75, 0.86 at 0.5; no width passed yet: docs/quality.md)
+    ffn_keep: float = 0.75  # fraction of FFN channels kept: at 0.75 the default preset puts all 8 sample
+    # characters under max_kl (mean KL 0.249) and 3 of 8 through the whole gate; 0.5 fails (KL 0.764, fast preset)
     channel_multiple: int = 16  # k is rounded to this so int4/int8 blocks and SIMD widths stay aligned
     seed: int = 0  # every random choice derives from it: builds are reproducible
 
@@ -76,14 +76,18 @@ class BuildConfig:
     # The FFN (the only weights a character does not share with the base) at its own precision; None = precision.
     # "int4" halves what each loaded character costs and reads half the bytes per decoded token (docs/artifact.md).
     ffn_precision: str | None = None
-    # GPTQ for a character's own int4 FFN, on its healing tokens through its healed model (builder.gptq): KL to its
-    # unquantised self 0.127 -> 0.049 and probe top-1 46 -> 58/64 on magda. int8 stays round-to-nearest (62/64;
-    # GPTQ gave 60), and so do shared tensors at any precision: they must be identical for every character.
+    # GPTQ (act order) for a character's own int4 FFN, on its healing tokens through its healed model (builder.gptq):
+    # KL to its unquantised self 0.114 -> 0.027 and probe top-1 46 -> 59/64 on magda. int8 stays round-to-nearest
+    # (62/64; GPTQ gave 60), and so do shared tensors at any precision: they must be identical for every character.
     gptq: bool = True
     gptq_damp: float = 0.01  # Hessian damping, relative to its mean diagonal (the GPTQ paper's 1 %)
     quant_block_size: int = 64  # MatMulNBits block: 64 decodes 1.3x faster than 32 on AVX-512 at equal top-1
     min_top1_agreement: float = 0.9  # verification: ONNX vs torch, teacher-forced, fraction of probe tokens
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
+    # The FFN's own compute (None = accuracy_level). 0 with an int4 FFN: MLAS packs int4 weights for int8 compute
+    # with per-block sums beside them, +7 MB per loaded character at keep 0.75; fp32 compute skips them (32
+    # characters in 1,441 MB instead of 1,665) but decodes 0.67x as fast (docs/runtime.md)
+    ffn_accuracy_level: int | None = None
     quantize_lm_head: bool = True  # the vocab projection is ~20 % of decode FLOPs; tied: stores the table once
     verify_prompts: int = 4  # chat-formatted probe prompts compared ONNX vs torch
     verify_tokens: int = 16  # greedy tokens per probe prompt (4 x 16 = 64 probe tokens)
@@ -141,8 +145,10 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"precision: {c.precision!r} is not one of {', '.join(PRECISIONS)}")
     if c.ffn_precision is not None and c.ffn_precision not in PRECISIONS:
         raise ConfigError(f"ffn_precision: {c.ffn_precision!r} is not one of {', '.join(PRECISIONS)} (or unset)")
-    if c.accuracy_level not in (0, 1, 2, 3, 4):
-        raise ConfigError(f"accuracy_level: {c.accuracy_level} is not 0..4 (MatMulNBits)")
+    for name, unset_ok in (("accuracy_level", False), ("ffn_accuracy_level", True)):
+        value = getattr(c, name)
+        if value not in (0, 1, 2, 3, 4) and not (unset_ok and value is None):
+            raise ConfigError(f"{name}: {value} is not 0..4 (MatMulNBits)")
     if c.quant_block_size not in (16, 32, 64, 128, 256):
         raise ConfigError(f"quant_block_size: {c.quant_block_size} is not a power of two in 16..256")
     if c.heal_data not in ("auto", "persona", "generic"):
@@ -172,23 +178,27 @@ _FIELDS = {f.name: f for f in dataclasses.fields(BuildConfig)}
 
 def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, naming the field on failure."""
-    default = _FIELDS[name].default
+    f = _FIELDS[name]
+    optional = "None" in str(f.type)  # annotations are strings here (postponed evaluation)
+    kind = type(f.default) if f.default is not None else int if str(f.type).startswith("int") else str
     try:
-        if isinstance(default, bool):
+        if value is None or (optional and str(value).lower() in ("none", "null", "")):
+            if not optional:
+                raise ValueError
+            return None
+        if kind is bool:
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        if isinstance(default, int):
+        if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if isinstance(default, float):
+        if kind is float:
             return float(value)
-        if isinstance(default, tuple):  # a YAML list, or "a,b" on the command line
+        if kind is tuple:  # a YAML list, or "a,b" on the command line
             return tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
-        if value is None:
-            return None
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot use {value!r} (expected {type(default).__name__})") from None
+        raise ConfigError(f"{name}: cannot use {value!r} (expected {kind.__name__})") from None
 
 
 def resolve_config(preset: str = "default", *layers: dict[str, Any] | None) -> BuildConfig:

@@ -245,16 +245,19 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                     g.weight(f"{name}.scales", scales.reshape(packed.shape[0], -1), shared),
                     g.weight(f"{name}.zero_points", zp, shared)]
 
-        def matmul_nbits(x: str, q: list[str], n: int, k: int, bias: str | None = None, nbits: int = bits) -> str:
+        def matmul_nbits(x: str, q: list[str], n: int, k: int, bias: str | None = None, nbits: int = bits,
+                         level: int = config.accuracy_level) -> str:
             return g.node("MatMulNBits", [x, *q] + (["", bias] if bias else []), domain="com.microsoft", K=k, N=n,
-                          bits=nbits, block_size=config.quant_block_size, accuracy_level=config.accuracy_level)[0]
+                          bits=nbits, block_size=config.quant_block_size, accuracy_level=level)[0]
 
         def linear(x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, shared: bool,
                    quantize: bool = True, nbits: int = bits, hessian: np.ndarray | None = None) -> str:
             n, k = weight.shape
             if nbits and quantize:
                 b = g.weight(f"{name}.bias", bias, shared) if bias is not None else None
-                return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian), n, k, b, nbits)
+                level = config.accuracy_level if shared or config.ffn_accuracy_level is None \
+                    else config.ffn_accuracy_level
+                return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian), n, k, b, nbits, level)
             y = g.node("MatMul", [x, g.weight(f"{name}.weight_t", weight.T, shared)])[0]
             return g.node("Add", [y, g.weight(f"{name}.bias", bias, shared)])[0] if bias is not None else y
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from builder.config import BuildConfig, ConfigError
+from builder.config import BuildConfig, ConfigError, resolve_config
 from builder.export import BIG_ALIGN, ExportError, export_onnx
 from builder.quant import dequantize_blocks, quantize_blocks
 from tests.slicing import slice_ffn
@@ -238,3 +238,22 @@ def test_ffn_precision_narrows_only_the_characters_own_weights(tiny_base: Path, 
     assert diff < 1.0 and agree >= 0.5
     with pytest.raises(ConfigError, match="ffn_precision"):
         BuildConfig(ffn_precision="int2")
+
+
+def test_ffn_accuracy_level_sets_only_the_ffn_compute(tiny_base: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    config = resolve_config("default", {"ffn_precision": "int4", "ffn_accuracy_level": "0"})
+    assert config.ffn_accuracy_level == 0 and resolve_config("default", {"ffn_accuracy_level": "none"}) \
+        .ffn_accuracy_level is None
+    result = export_onnx(tiny_base, tmp_path / "fp32ffn", config)
+    levels = {n.input[1].rsplit(".", 1)[0]: helper.get_attribute_value(
+        next(a for a in n.attribute if a.name == "accuracy_level"))
+        for n in onnx.load(str(result.model_file), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    assert {lv for name, lv in levels.items() if ".mlp." in name} == {0}
+    assert {lv for name, lv in levels.items() if ".mlp." not in name} == {config.accuracy_level}
+    diff, agree = _compare_three_modes(tiny_base, result.model_file)
+    assert diff < 1.0 and agree >= 0.5
+    with pytest.raises(ConfigError, match="ffn_accuracy_level"):
+        BuildConfig(ffn_accuracy_level=5)
