@@ -49,17 +49,8 @@ def teacher_forced(dense, pruned, seqset: lm.SeqSet, batch: int, pad_id: int) ->
 
 def answers(model, tok, system: str, queries: list[str], config: BuildConfig, rows: int) -> list[str]:
     """One sampled answer per query with the teacher's sampling settings and a fixed seed (same for every model)."""
-    gen = torch.Generator().manual_seed(config.seed + 7)
-    prefix, _ = lm.chat_seq(tok, system, [])
-    with torch.no_grad():
-        kv = lm.prefix_kv(model, prefix)
-    out = []
-    for i in range(0, len(queries), rows):
-        prompts = [lm.chat_seq(tok, system, [("user", q)], generation_prompt=True)[1].ids for q in queries[i:i + rows]]
-        ids = lm.generate(model, tok, kv, prompts, 1, config.teacher_max_tokens, config.teacher_temperature,
-                          config.teacher_top_p, gen)
-        out.extend(tok.decode(r, skip_special_tokens=True).strip() for r in ids)
-    return out
+    return lm.sample_replies(model, tok, system, queries, config.teacher_max_tokens, config.teacher_temperature,
+                             config.teacher_top_p, rows, torch.Generator().manual_seed(config.seed + 7))
 
 
 def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: str, other_prompts: list[str],

@@ -189,6 +189,20 @@ def generate(model, tok, kv: KV | None, prompts: list[list[int]], n: int, max_ne
     return out
 
 
+@torch.no_grad()
+def sample_replies(model, tok, system: str, queries: list[str], max_new: int, temperature: float, top_p: float,
+                   rows: int, generator: torch.Generator) -> list[str]:
+    """One sampled reply per query under the system prompt (`rows` decoded together), as stripped text."""
+    prefix, _ = chat_seq(tok, system, [])
+    kv = prefix_kv(model, prefix)
+    out = []
+    for i in range(0, len(queries), rows):
+        prompts = [chat_seq(tok, system, [("user", q)], generation_prompt=True)[1].ids for q in queries[i:i + rows]]
+        ids = generate(model, tok, kv, prompts, 1, max_new, temperature, top_p, generator)
+        out.extend(tok.decode(r, skip_special_tokens=True).strip() for r in ids)
+    return out
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)

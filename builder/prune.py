@@ -30,7 +30,7 @@ from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
 from builder.evaluate import evaluate, gate
 from builder.gptq import ffn_hessians, save_hessians, wanted as gptq_wanted
-from builder.heal import heal
+from builder.heal import heal, reply_source
 from builder.judge import PersonaJudge
 from builder.refit import gram_matrices, refit_down
 from builder.selection import SelectionData, select_channels
@@ -151,7 +151,10 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
         del grams
     slice_ffn(student, kept)
     say(f"heal: {config.heal_steps} distillation steps")
-    heal_stats = heal(student, ctx.model, heal_set, config, pad)
+    # on-policy steps need chat queries: persona healing only (generic text has none)
+    replies = reply_source(tok, cal.system, [e.query for e in cal.train], config) \
+        if heal_data == "persona" and config.heal_on_policy > 0 and cal.train else None
+    heal_stats = heal(student, ctx.model, heal_set, config, pad, replies=replies)
 
     hessians = None
     if gptq_wanted(config):

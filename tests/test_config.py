@@ -21,6 +21,10 @@ def test_layers_apply_in_order():
     ({"device": "gpu"}, "device"),
     ({"refit_ridges": "0.1,-1"}, "refit_ridges"),
     ({"refit_folds": 1}, "refit_folds"),
+    ({"heal_on_policy": 1.5}, "heal_on_policy"),
+    ({"on_policy_refresh": 0}, "on_policy_refresh"),
+    ({"ffn_accuracy_level": 7}, "ffn_accuracy_level"),
+    ({"ffn_accuracy_level": "fast"}, "ffn_accuracy_level"),
 ])
 def test_bad_settings_name_the_field(layer, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder import lm
 from builder.basemodel import load_model
-from builder.heal import heal
+from builder.heal import heal, on_policy_step, reply_source
 from builder.refit import gram_matrices, refit_down
 from builder.shrink import save_checkpoint, slice_ffn
 from tests.prunekit import tiny_config
@@ -170,3 +170,33 @@ def test_refit_with_nothing_to_validate_on_keeps_to_the_largest_ridge(models):
     n = dense.config.intermediate_size
     stats = refit_down(copy.deepcopy(dense), [torch.arange(n // 2)] * 2, grams, (0.01, 10.0))
     assert stats["ridge_per_layer"] == [10.0, 10.0]
+
+
+def test_on_policy_steps_train_on_the_students_own_replies(models):
+    dense, tok = models
+    data = _data(tok)
+    system = "You are Pip, a cheeky street urchin who runs errands for coin."
+    queries = ["Who are you?", "Can you carry a letter?", "Where is the smithy?", "What's new?"]
+    assert [sum(on_policy_step(i, share) for i in range(24)) for share in (0.0, 0.25, 0.5, 1.0)] == [0, 6, 12, 24]
+
+    def run(**overrides):
+        config = tiny_config(heal_batch=2, heal_lr=3e-3, generation_rows=3, teacher_max_tokens=8, **overrides)
+        source, pools = reply_source(tok, system, queries, config), []
+
+        def replies(model):
+            pools.append(source(model))
+            return pools[-1]
+        student = copy.deepcopy(dense)
+        slice_ffn(student, [torch.arange(48), torch.arange(48)])
+        return heal(student, dense, data, config, tok.pad_token_id, replies=replies), pools
+
+    stats, pools = run(heal_steps=8, heal_on_policy=0.5, on_policy_refresh=4)
+    assert stats["on_policy_steps"] == 4 and len(pools) == 2  # steps 1, 3, 5, 7; fresh pools at 1 and 5
+    assert stats["on_policy_replies"] == sum(len(p) for p in pools) > 0
+    for seq in pools[0]:  # the reply is the target, the query is context
+        assert any(seq.target) and not seq.target[0]
+    # one pool for every step: the student learns the teacher's view of its own replies
+    stats, pools = run(heal_steps=20, heal_on_policy=1.0, on_policy_refresh=100)
+    assert len(pools) == 1 and stats["on_policy_steps"] == 20 and stats["loss_end"] < stats["loss_start"]
+    stats, pools = run(heal_steps=6, heal_on_policy=0.0)
+    assert pools == [] and stats["on_policy_steps"] == 0
