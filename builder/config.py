@@ -124,7 +124,7 @@ METHODS = ("persona-pruner", "persona-activation", "magnitude", "wanda-sp", "tay
 PRECISIONS = ("fp32", "int8", "int4")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # fast: tests and demos. ~7.5 CPU-minutes per character on the default model (docs/quality.md): 40 held-out
+    # fast: tests and demos. ~11 CPU-minutes per character on the default model (docs/quality.md): 40 held-out
     # answers sampled twice (dense, pruned) and judged already cost more than the 2-minute aim. 64 train queries and
     # 24 heal steps instead of 24 and 12 cost +28 % and lowered KL at keep 0.75 from 0.573/0.567 to 0.486/0.452
     # (aldric, then magda to check), with repetition and judge accuracy back at dense's level; 4x the heal steps
