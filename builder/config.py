@@ -90,7 +90,7 @@ class BuildConfig:
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
     # The FFN's own compute (None = accuracy_level). 0 with an int4 FFN: MLAS packs int4 weights for int8 compute
     # with per-block sums beside them, +7 MB per loaded character at keep 0.75; fp32 compute skips them (32
-    # characters in 1,441 MB instead of 1,665) but decodes 0.67x as fast (docs/runtime.md)
+    # characters in 1,441 MB instead of 1,665) but decodes 0.72x as fast (docs/runtime.md)
     ffn_accuracy_level: int | None = None
     quantize_lm_head: bool = True  # the vocab projection is ~20 % of decode FLOPs; tied: stores the table once
     verify_prompts: int = 4  # chat-formatted probe prompts compared ONNX vs torch
