@@ -67,7 +67,7 @@ class BuildConfig:
     heal_lr: float = 1e-4
     heal_batch: int = 4
     # share of heal steps on the student's own sampled replies to training queries, scored by the teacher
-    # (builder.heal): magda `fast`, repetition 0.129 -> 0.074 (dense 0.069) at equal KL, +39 s of sampling
+    # (builder.heal): magda `fast`, repetition 0.129 -> 0.080 (dense 0.069) at equal KL, +~35 s of sampling
     heal_on_policy: float = 0.5
     on_policy_refresh: int = 12  # heal steps between fresh pools of generation_rows replies: the student moves
     heal_scope: str = "ffn"  # "ffn" keeps attention/embeddings bit-identical (shareable); "all" heals everything

@@ -10,7 +10,7 @@ teacher writes, while in the game it continues its own words, and its loops star
 of the steps train on the student's own sampled replies to the training queries, scored token by token by the
 teacher (as in GKD, Agarwal et al. 2024). Replies come in pools of `generation_rows`, sampled in one batch and
 refreshed every `on_policy_refresh` steps as the student moves: on magda (`fast`) repetition fell from 0.129 to
-0.074 (dense 0.069) at the same KL, for 39 s of sampling (docs/quality.md).
+0.080 (dense 0.069) at the same KL, for 34-38 s of sampling (docs/quality.md).
 
 By default (`heal_scope="ffn"`) only the remaining FFN weights train: embeddings, attention, norms and lm_head stay
 bit-identical to the base, so the runtime can share them across characters (FACTS §4). "all" trains everything.

@@ -153,7 +153,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     say(f"heal: {config.heal_steps} distillation steps")
     # on-policy steps need chat queries: persona healing only (generic text has none)
     replies = reply_source(tok, cal.system, [e.query for e in cal.train], config) \
-        if heal_data == "persona" and config.heal_on_policy > 0 and cal.train else None
+        if heal_data == "persona" and cal.train else None
     heal_stats = heal(student, ctx.model, heal_set, config, pad, replies=replies)
 
     hessians = None

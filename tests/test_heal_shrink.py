@@ -26,13 +26,15 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+SYSTEM = "You are Pip, a cheeky street urchin who runs errands for coin."
+
+
 def _data(tok):
-    system = "You are Pip, a cheeky street urchin who runs errands for coin."
     qa = [("Who are you?", "Pip! Best runner in Dunmarrow, cheapest too."),
           ("Can you carry a letter?", "For two coppers I'd carry the whole post office."),
           ("Where is the smithy?", "Anvil Yard, follow the smoke and the swearing.")]
-    prefix, _ = lm.chat_seq(tok, system, [])
-    return lm.SeqSet(prefix, [lm.chat_seq(tok, system, [("user", q), ("assistant", a)])[1] for q, a in qa])
+    prefix, _ = lm.chat_seq(tok, SYSTEM, [])
+    return lm.SeqSet(prefix, [lm.chat_seq(tok, SYSTEM, [("user", q), ("assistant", a)])[1] for q, a in qa])
 
 
 def test_slicing_everything_keeps_outputs_identical(models):
@@ -175,13 +177,12 @@ def test_refit_with_nothing_to_validate_on_keeps_to_the_largest_ridge(models):
 def test_on_policy_steps_train_on_the_students_own_replies(models):
     dense, tok = models
     data = _data(tok)
-    system = "You are Pip, a cheeky street urchin who runs errands for coin."
     queries = ["Who are you?", "Can you carry a letter?", "Where is the smithy?", "What's new?"]
     assert [sum(on_policy_step(i, share) for i in range(24)) for share in (0.0, 0.25, 0.5, 1.0)] == [0, 6, 12, 24]
 
     def run(**overrides):
         config = tiny_config(heal_batch=2, heal_lr=3e-3, generation_rows=3, teacher_max_tokens=8, **overrides)
-        source, pools = reply_source(tok, system, queries, config), []
+        source, pools = reply_source(tok, SYSTEM, queries, config), []
 
         def replies(model):
             pools.append(source(model))
