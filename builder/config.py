@@ -86,6 +86,7 @@ class BuildConfig:
     gptq: bool = True
     gptq_damp: float = 0.01  # Hessian damping, relative to its mean diagonal (the GPTQ paper's 1 %)
     quant_block_size: int = 64  # MatMulNBits block: 64 decodes 1.3x faster than 32 on AVX-512 at equal top-1
+    ffn_block_size: int | None = None  # the character's own FFN blocks (None = quant_block_size); see docs/artifact.md
     min_top1_agreement: float = 0.9  # verification: ONNX vs torch, teacher-forced, fraction of probe tokens
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
     # The FFN's own compute (None = accuracy_level). 0 with an int4 FFN: MLAS packs int4 weights for int8 compute
@@ -153,8 +154,10 @@ def _validate(c: BuildConfig) -> None:
         value = getattr(c, name)
         if value not in (0, 1, 2, 3, 4) and not (unset_ok and value is None):
             raise ConfigError(f"{name}: {value} is not 0..4 (MatMulNBits)")
-    if c.quant_block_size not in (16, 32, 64, 128, 256):
-        raise ConfigError(f"quant_block_size: {c.quant_block_size} is not a power of two in 16..256")
+    for name, unset_ok in (("quant_block_size", False), ("ffn_block_size", True)):
+        value = getattr(c, name)
+        if value not in (16, 32, 64, 128, 256) and not (unset_ok and value is None):
+            raise ConfigError(f"{name}: {value} is not a power of two in 16..256")
     if not 0.0 <= c.heal_on_policy <= 1.0:
         raise ConfigError(f"heal_on_policy: {c.heal_on_policy} is not in [0, 1]")
     if c.heal_data not in ("auto", "persona", "generic"):

@@ -236,28 +236,31 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
         g = _Graph(data, DATA_FILE)
 
         def store_q(name: str, weight: np.ndarray, shared: bool, nbits: int = bits,
-                    hessian: np.ndarray | None = None) -> list[str]:
+                    hessian: np.ndarray | None = None, block: int = config.quant_block_size) -> list[str]:
             if hessian is None:
-                packed, scales, zp = quantize_blocks(weight, nbits, config.quant_block_size)
+                packed, scales, zp = quantize_blocks(weight, nbits, block)
             else:
-                packed, scales, zp = gptq_blocks(weight, hessian, nbits, config.quant_block_size, config.gptq_damp)
+                packed, scales, zp = gptq_blocks(weight, hessian, nbits, block, config.gptq_damp)
             return [g.weight(f"{name}.qweight", packed, shared),
                     g.weight(f"{name}.scales", scales.reshape(packed.shape[0], -1), shared),
                     g.weight(f"{name}.zero_points", zp, shared)]
 
         def matmul_nbits(x: str, q: list[str], n: int, k: int, bias: str | None = None, nbits: int = bits,
-                         level: int = config.accuracy_level) -> str:
+                         level: int = config.accuracy_level, block: int = config.quant_block_size) -> str:
             return g.node("MatMulNBits", [x, *q] + (["", bias] if bias else []), domain="com.microsoft", K=k, N=n,
-                          bits=nbits, block_size=config.quant_block_size, accuracy_level=level)[0]
+                          bits=nbits, block_size=block, accuracy_level=level)[0]
 
         def linear(x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, shared: bool,
                    quantize: bool = True, nbits: int = bits, hessian: np.ndarray | None = None) -> str:
             n, k = weight.shape
             if nbits and quantize:
                 b = g.weight(f"{name}.bias", bias, shared) if bias is not None else None
+                # a character's own FFN may set its compute and blocks apart from the shared trunk's
                 level = config.accuracy_level if shared or config.ffn_accuracy_level is None \
                     else config.ffn_accuracy_level
-                return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian), n, k, b, nbits, level)
+                block = config.quant_block_size if shared or config.ffn_block_size is None else config.ffn_block_size
+                return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian, block), n, k, b, nbits, level,
+                                    block)
             y = g.node("MatMul", [x, g.weight(f"{name}.weight_t", weight.T, shared)])[0]
             return g.node("Add", [y, g.weight(f"{name}.bias", bias, shared)])[0] if bias is not None else y
 

@@ -25,6 +25,7 @@ def test_layers_apply_in_order():
     ({"on_policy_refresh": 0}, "on_policy_refresh"),
     ({"ffn_accuracy_level": 7}, "ffn_accuracy_level"),
     ({"ffn_accuracy_level": "fast"}, "ffn_accuracy_level"),
+    ({"ffn_block_size": 24}, "ffn_block_size"),
 ])
 def test_bad_settings_name_the_field(layer, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):

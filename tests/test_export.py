@@ -240,20 +240,32 @@ def test_ffn_precision_narrows_only_the_characters_own_weights(tiny_base: Path, 
         BuildConfig(ffn_precision="int2")
 
 
-def test_ffn_accuracy_level_sets_only_the_ffn_compute(tiny_base: Path, tmp_path: Path) -> None:
+def test_ffn_accuracy_level_and_block_size_set_only_the_ffn_nodes(tiny_base: Path, tmp_path: Path) -> None:
     import onnx
     from onnx import helper
 
-    config = resolve_config("default", {"ffn_precision": "int4", "ffn_accuracy_level": "0"})
-    assert config.ffn_accuracy_level == 0 and resolve_config("default", {"ffn_accuracy_level": "none"}) \
-        .ffn_accuracy_level is None
+    config = resolve_config("default", {"ffn_precision": "int4", "ffn_accuracy_level": "0", "ffn_block_size": "32"})
+    assert (config.ffn_accuracy_level, config.ffn_block_size) == (0, 32)
+    assert resolve_config("default", {"ffn_accuracy_level": "none"}).ffn_accuracy_level is None
     result = export_onnx(tiny_base, tmp_path / "fp32ffn", config)
-    levels = {n.input[1].rsplit(".", 1)[0]: helper.get_attribute_value(
-        next(a for a in n.attribute if a.name == "accuracy_level"))
-        for n in onnx.load(str(result.model_file), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
-    assert {lv for name, lv in levels.items() if ".mlp." in name} == {0}
-    assert {lv for name, lv in levels.items() if ".mlp." not in name} == {config.accuracy_level}
+    nodes = [n for n in onnx.load(str(result.model_file), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+
+    def attrs(name: str) -> dict[str, int]:
+        return {n.input[1].rsplit(".", 1)[0]: helper.get_attribute_value(next(a for a in n.attribute if a.name == name))
+                for n in nodes}
+
+    for name, ffn, trunk in (("accuracy_level", 0, config.accuracy_level),
+                             ("block_size", 32, config.quant_block_size)):
+        assert {v for k, v in attrs(name).items() if ".mlp." in k} == {ffn}
+        assert {v for k, v in attrs(name).items() if ".mlp." not in k} == {trunk}
+    # the stored blocks follow the attribute: one scale per 32 input columns of the FFN's own weights
+    scales = {t.name: t.shape for t in result.tensors if t.name.endswith("mlp.down_proj.scales")}
+    k_down = json.loads((tiny_base / "config.json").read_text())["intermediate_size"]
+    assert scales and all(shape[1] == -(-k_down // 32) for shape in scales.values())
     diff, agree = _compare_three_modes(tiny_base, result.model_file)
     assert diff < 1.0 and agree >= 0.5
     with pytest.raises(ConfigError, match="ffn_accuracy_level"):
         BuildConfig(ffn_accuracy_level=5)
+    with pytest.raises(ConfigError, match="ffn_block_size"):
+        BuildConfig(ffn_block_size=48)
