@@ -107,6 +107,33 @@ def example_seqs(tok, character: Character, config: BuildConfig) -> lm.SeqSet:
     return out
 
 
+@dataclass
+class StageClock:
+    """A progress callback that also keeps time: every progress line starts with its stage's name ("heal: 24
+    distillation steps"), and the process CPU seconds from a stage's first line to the next stage's first line are
+    charged to that stage ("setup" before the first line). Where a build's minutes go, in its report."""
+    say: Callable[[str], None]
+    spent: dict[str, float] = field(default_factory=dict)
+    stage: str = "setup"
+    since: float = field(default_factory=time.process_time)
+
+    def __call__(self, line: str) -> None:
+        name = line.split(":", 1)[0]
+        if name != self.stage:
+            self._charge()
+            self.stage = name
+        self.say(line)
+
+    def _charge(self) -> None:
+        now = time.process_time()
+        self.spent[self.stage] = self.spent.get(self.stage, 0.0) + now - self.since
+        self.since = now
+
+    def finish(self) -> dict[str, float]:
+        self._charge()
+        return {k: round(v, 1) for k, v in self.spent.items()}
+
+
 def _context(roster: Any, base: BaseModel, config: BuildConfig) -> RosterContext:
     if isinstance(roster, RosterContext):
         return roster
@@ -116,7 +143,7 @@ def _context(roster: Any, base: BaseModel, config: BuildConfig) -> RosterContext
 
 def prune_character(character: Character, roster: Any, base: BaseModel, config: BuildConfig, workdir: Path,
                     progress: Callable[[str], None] | None = None) -> PruneResult:
-    say = progress or (lambda _m: None)
+    say = StageClock(progress or (lambda _m: None))
     start = time.process_time()
     ctx = _context(roster, base, config)
     if all(c.id != character.id for c in ctx.characters):
@@ -183,7 +210,8 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
                     "base_intermediate_size": n_channels, "heal_data": heal_data,
                     "params_dense": sum(p.numel() for p in ctx.model.parameters()),
                     "params_pruned": sum(p.numel() for p in student.parameters()),
-                    "calibration": cal.stats, "refit": refit_stats, "heal": heal_stats, "cpu_seconds": cpu})
+                    "calibration": cal.stats, "refit": refit_stats, "heal": heal_stats, "cpu_seconds": cpu,
+                    "stage_cpu_seconds": say.finish()})
     if not passed:
         log.warning("%s failed the quality gate: %s", character.id, "; ".join(reasons))
     return PruneResult(checkpoint, [k_.tolist() for k_ in kept], metrics, passed, reasons, samples, cpu, hessians)

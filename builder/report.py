@@ -112,6 +112,8 @@ def _quality_tables(quality: dict[str, Any]) -> str:
         metric, _, variant = key.rpartition("_")
         if metric and variant in ("dense", "pruned"):
             pivot.setdefault(metric, {})[variant] = value
+        elif key == "stage_cpu_seconds":
+            continue  # its own table (character_section)
         elif key == "baselines" and isinstance(value, dict):
             for method, metrics in value.items():
                 columns.append(f"baseline {method}")
@@ -147,6 +149,12 @@ def character_section(data: dict[str, Any], level: int = 1) -> str:
                      ["probe tokens", v["probe_tokens"]]], ["measure", "value"]),
              f"<p><small>{html.escape(sp['note'])}</small></p>",
              "<h3>Fidelity to the dense model</h3>", _quality_tables(data["quality"])]
+    stages = data["quality"].get("stage_cpu_seconds")
+    if stages:
+        total = sum(stages.values())
+        parts += ["<h3>Build cost (process CPU seconds, all threads)</h3>",
+                  _table([[name, sec, f"{sec / total:.0%}" if total else ""] for name, sec in stages.items()]
+                         + [["total", round(total, 1), ""]], ["stage", "CPU-s", "share"])]
     if data["kept_channels"]:
         parts += ["<h3>Kept FFN channels per layer</h3>",
                   kept_channels_svg(data["kept_channels"], s["base_ffn_channels"])]

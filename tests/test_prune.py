@@ -54,6 +54,9 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
     assert result.passed_gate == (result.gate_reasons == [])
     assert len(result.samples) == 2 and set(result.samples[0]) == {"query", "dense", "pruned"}
     assert result.cpu_seconds > 0
+    stages = m["stage_cpu_seconds"]  # the report's build cost: every stage clocked, adding up to the total
+    assert {"selection", "refit", "heal", "gptq", "shrink", "evaluate"} <= set(stages) and stages["heal"] > 0
+    assert abs(sum(stages.values()) - result.cpu_seconds) < 0.1 + 0.05 * len(stages)
 
     # the same inputs give the same checkpoint, also from a plain character list instead of a context
     again = prune_character(character, load_roster(roster_dir).characters, base, config, tmp_path / "b")

@@ -45,7 +45,7 @@ def pruned_dist(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, roste
         ckpt, kept = slice_ffn(tiny_base, dist.parent / f"ck-{ch.id}", keep=64, seed=seed)
         metrics = {"kl": np.float32(0.21), "ppl_generic_dense": 26.7, "ppl_generic_pruned": 57.6, "judge_accuracy_dense": 0.9,
                    "judge_accuracy_pruned": 0.8, "baselines": {"magnitude": {"ppl_generic_pruned": 113.0}},
-                   "method": "persona-pruner"}
+                   "method": "persona-pruner", "stage_cpu_seconds": {"calibration": 30.0, "heal": 10.0}}
         samples = [{"query": "Who are you?", "dense": f"I am {ch.name} <b>", "pruned": "I am\x00 <script>x"}]
         prune = PruneResult(ckpt, kept, metrics, seed == 0, [] if seed == 0 else ["KL too high"], samples, 1.0)
         write_artifact(ckpt, ch, dist / ch.id, resolve_config("fast", {"min_top1_agreement": 0.5}), base, prune)
@@ -63,6 +63,9 @@ def test_character_report_contents(pruned_dist: Path) -> None:
     assert "<svg" in page and "<script" not in page and "&lt;script&gt;" in page and "\x00" not in page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing to fetch
     assert "baseline magnitude" in page and "113" in page and "ppl_generic" in page
+    cost = page[page.index("Build cost"):]
+    assert '<td>heal</td><td class="num">10</td><td>25%</td>' in cost and '<td>total</td><td class="num">40</td>' in cost
+    assert "stage_cpu_seconds" not in page  # its own table, not a row of the scalars
     ET.fromstring(page[page.index("<svg"):page.index("</svg>") + 6])
 
 
