@@ -6,6 +6,8 @@ every file matches its manifest), and for the others runs `builder.prune.prune_c
 `builder.artifact.write_artifact`. Each character builds in `OUT/.tmp-<id>-<pid>` (work files in
 `OUT/.work-<id>-<pid>`) renamed into place, so a killed build leaves no partial artifact and the next run resumes;
 stale temp folders of dead processes are removed at start. One failing character does not stop the others.
+Calibrations and the dense side of evaluation are kept in `OUT/.cache` (builder.buildcache), so a character
+rebuilt with other settings reuses them.
 Output: a `BuildSummary` (per character: built / skipped / failed, reason, seconds).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from builder.artifact import builder_version, check_artifact, read_manifest, Art
 from builder.config import BuildConfig, ConfigError, resolve_config
 
 log = logging.getLogger(__name__)
+CACHE_DIR = ".cache"  # under OUT: what later builds may reuse (builder.buildcache); safe to delete
 
 Progress = Callable[[str, str], None]  # (character id, message)
 
@@ -99,7 +102,7 @@ _CONTEXT: dict[str, Any] = {}
 
 
 def _build_one(character: Any, characters: list[Any], base: Any, config: BuildConfig, out_dir: Path,
-               say: Callable[[str], None]) -> Outcome:
+               say: Callable[[str], None], cache_dir: Path | None = None) -> Outcome:
     from builder.artifact import write_artifact
     from builder.prune import RosterContext, prune_character
 
@@ -108,11 +111,11 @@ def _build_one(character: Any, characters: list[Any], base: Any, config: BuildCo
     shutil.rmtree(work, ignore_errors=True)
     try:
         if config.ffn_keep < 1.0:
-            key = f"{base.sha256}:{config.dtype}:{config.threads}:{config.device}"
+            key = f"{base.sha256}:{config.dtype}:{config.threads}:{config.device}:{cache_dir}"
             if key not in _CONTEXT:
                 say("loading the dense model")
                 _CONTEXT.clear()
-                _CONTEXT[key] = RosterContext.create(characters, base, config)
+                _CONTEXT[key] = RosterContext.create(characters, base, config, cache_dir)
             prune = prune_character(character, _CONTEXT[key], base, config, work, progress=say)
             checkpoint = prune.checkpoint
         else:
@@ -128,11 +131,11 @@ def _build_one(character: Any, characters: list[Any], base: Any, config: BuildCo
 
 
 def _worker(character: Any, characters: list[Any], base: Any, config: BuildConfig, out_dir: Path,
-            messages: Any) -> Outcome:
+            messages: Any, cache_dir: Path | None) -> Outcome:
     """Entry point of a --jobs process: progress goes back through a queue; errors become a failed Outcome."""
     try:
         return _build_one(character, characters, base, config, out_dir,
-                          lambda msg: messages.put((character.id, msg)))
+                          lambda msg: messages.put((character.id, msg)), cache_dir)
     except Exception as e:  # noqa: BLE001 - one character's failure is reported, never fatal to the roster
         log.debug("build of %s failed", character.id, exc_info=True)
         return Outcome(character.id, "failed", f"{type(e).__name__}: {e}")
@@ -162,7 +165,9 @@ def write_index(out_dir: Path, ids: list[str], outcomes: list[Outcome]) -> Path:
 
 def build_roster(chardir: Path, out_dir: Path, preset: str = "default", overrides: dict[str, Any] | None = None,
                  only: list[str] | None = None, base_model: str | Path | None = None, jobs: int = 1,
-                 force: bool = False, progress: Progress | None = None) -> BuildSummary:
+                 force: bool = False, progress: Progress | None = None, cache: bool = True) -> BuildSummary:
+    """With `cache`, calibrations and the dense side of evaluation are kept in OUT/.cache and reused by later
+    builds whose inputs to them are unchanged (builder.buildcache)."""
     from builder.basemodel import ensure_base_model
     from builder.cards import load_roster
     from builder.report import write_roster_report
@@ -209,11 +214,13 @@ def build_roster(chardir: Path, out_dir: Path, preset: str = "default", override
         todo.append((ch, config))
 
     characters = list(roster.characters)
+    cache_dir = out_dir / CACHE_DIR if cache else None
     if jobs <= 1:
         for ch, config in todo:
             say(ch.id, "building")
             try:
-                outcome = _build_one(ch, characters, base, config, out_dir, lambda msg, cid=ch.id: say(cid, msg))
+                outcome = _build_one(ch, characters, base, config, out_dir, lambda msg, cid=ch.id: say(cid, msg),
+                                     cache_dir)
             except Exception as e:  # noqa: BLE001 - reported per character; the roster goes on
                 log.debug("build of %s failed", ch.id, exc_info=True)
                 outcome = Outcome(ch.id, "failed", f"{type(e).__name__}: {e}")
@@ -223,8 +230,8 @@ def build_roster(chardir: Path, out_dir: Path, preset: str = "default", override
         ctx = multiprocessing.get_context("spawn")
         with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             messages = manager.Queue()
-            futures: list[Future] = [pool.submit(_worker, ch, characters, base, config, out_dir, messages)
-                                     for ch, config in todo]
+            futures: list[Future] = [pool.submit(_worker, ch, characters, base, config, out_dir, messages,
+                                                 cache_dir) for ch, config in todo]
             while True:
                 try:
                     say(*messages.get(timeout=0.2))

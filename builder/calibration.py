@@ -56,6 +56,12 @@ class Calibration:
     stats: dict = field(default_factory=dict)
 
 
+def calibration_from_json(d: dict) -> Calibration:
+    """The inverse of `dataclasses.asdict(calibration)`, for builder.buildcache."""
+    return Calibration(d["system"], [Example(**e) for e in d["train"]], [Example(**e) for e in d["heldout"]],
+                       d["stats"])
+
+
 @dataclass(frozen=True)
 class Persona:
     name: str

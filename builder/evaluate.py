@@ -70,7 +70,8 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
     queries = [q for q, _ in heldout]
     prompts = [system] + other_prompts
     cache = {} if dense_cache is None else dense_cache
-    sampling = (config.seed, config.teacher_max_tokens, config.teacher_temperature, config.teacher_top_p)
+    sampling = (config.seed, config.teacher_max_tokens, config.teacher_temperature, config.teacher_top_p,
+                config.generation_rows)  # rows: the seeded batches
     for name, model in (("dense", dense), ("pruned", pruned)):
         key = (system, tuple(prompts), tuple(queries), sampling)
         if name == "pruned" or key not in cache:

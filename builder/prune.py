@@ -13,19 +13,22 @@ checkpoint at `workdir/checkpoint`. Seeded: the same inputs give the same checkp
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Any, Callable
 
 import torch
 
 from builder import lm
 from builder.basemodel import BaseModel, load_model
-from builder.calibration import (Calibration, Persona, calibrate, judge_prompt, load_paragraphs, load_queries,
-                                 load_reference_personas, persona_seqs, references)
+from builder.buildcache import DiskCache
+from builder.calibration import (Calibration, Persona, calibrate, calibration_from_json, judge_prompt,
+                                 load_paragraphs, load_queries, load_reference_personas, persona_seqs, references)
 from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
 from builder.evaluate import evaluate, gate
@@ -57,12 +60,16 @@ class RosterContext:
     generic_eval: list[str]  # generic paragraphs held back for the generic perplexity
     judge: PersonaJudge
     hidden_cache: dict = field(default_factory=dict)  # (prompt, layers) -> {query: last-token states}
-    calibrations: dict = field(default_factory=dict)  # (character id, calibration settings) -> Calibration
-    dense_evals: dict = field(default_factory=dict)  # dense-side evaluation results, shared by every method
+    # (character, calibration settings, contrast personas, corpus) -> Calibration; a DiskCache with a cache_dir
+    calibrations: MutableMapping = field(default_factory=dict)
+    dense_evals: MutableMapping = field(default_factory=dict)  # dense-side evaluation results, shared by every method
     cpu_seconds: float = 0.0  # spent making the context (loading the model)
 
     @classmethod
-    def create(cls, characters: list[Character], base: BaseModel, config: BuildConfig) -> "RosterContext":
+    def create(cls, characters: list[Character], base: BaseModel, config: BuildConfig,
+               cache_dir: Path | None = None) -> "RosterContext":
+        """With `cache_dir`, calibrations and the dense side of evaluation are also kept there for later builds
+        (builder.buildcache)."""
         start = time.process_time()
         lm.set_threads(config.threads)
         dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
@@ -76,6 +83,11 @@ class RosterContext:
         ctx = cls(base, model, tok, list(characters), load_reference_personas(), load_queries(),
                   paragraphs[:len(paragraphs) - n_eval], paragraphs[len(paragraphs) - n_eval:],
                   PersonaJudge(model, tok, config.forward_batch))
+        if cache_dir is not None:
+            salt = f"{base.sha256}:{config.dtype}:{config.device}"
+            ctx.calibrations = DiskCache(Path(cache_dir) / "calibration", salt, asdict,
+                                         calibration_from_json)
+            ctx.dense_evals = DiskCache(Path(cache_dir) / "dense-eval", salt)
         ctx.cpu_seconds = time.process_time() - start
         return ctx
 
@@ -152,7 +164,11 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     torch.manual_seed(config.seed)
     tok, pad = ctx.tok, ctx.tok.pad_token_id
 
-    key = (character.id, character.card_sha256, *(getattr(config, f) for f in CALIBRATION_FIELDS))
+    # what calibration reads besides the card: the settings, the contrast personas, the query corpus
+    contrast = references(character, ctx, max(config.n_reference_personas, config.judge_references))
+    key = (character.id, character.card_sha256, *(getattr(config, f) for f in CALIBRATION_FIELDS),
+           tuple(judge_prompt(r, config.user_name) for r in contrast),
+           hashlib.sha256("\n".join(ctx.queries).encode()).hexdigest())
     if key not in ctx.calibrations:  # several widths or methods of one character share their calibration data
         ctx.calibrations[key] = calibrate(character, ctx, config, say)
     cal: Calibration = ctx.calibrations[key]

@@ -26,10 +26,12 @@ from npcforge.ui import Failed, emit_json
               "verification run on the CPU either way.")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Characters built in parallel processes.")
 @click.option("--force", is_flag=True, help="Rebuild characters whose artifact is up to date.")
+@click.option("--no-cache", is_flag=True, help="Compute calibrations and the dense side of evaluation afresh "
+              "instead of reusing OUT/.cache (kept from earlier builds; safe to delete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_keep: float | None,
           method: str | None, precision: str | None, ffn_precision: str | None, base_model: str | None,
-          device: str | None, jobs: int, force: bool, as_json: bool) -> None:
+          device: str | None, jobs: int, force: bool, no_cache: bool, as_json: bool) -> None:
     """Build a pruned, exported, verified model for every character file in CHARDIR.
 
     Unchanged characters are skipped in seconds; each artifact appears complete or not at all. Exit code 1 when
@@ -58,7 +60,7 @@ def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_
 
     try:
         summary = build_roster(chardir, out_dir, preset, overrides, list(only) or None, base_model, jobs, force,
-                               progress)
+                               progress, cache=not no_cache)
     except BuildError as e:
         raise click.UsageError(str(e)) from None
     except BaseModelError as e:

@@ -159,7 +159,13 @@ def test_pruned_build_runs_the_pruning_pipeline(roster_dir: Path, tmp_path: Path
     assert len(report["kept_channels"]) == 2 and all(len(k) == 64 for k in report["kept_channels"])
     stages = [msg.split(":")[0] for cid, msg in messages if cid == "magda"]
     assert {"selection", "heal", "export", "verify"} <= set(stages)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # only the cache of what a rebuild may reuse stays beside the artifacts (none with cache=False)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".cache"]
+    assert list((out / ".cache" / "calibration").glob("*.json"))
+    other = tmp_path / "nocache"
+    build_roster(roster_dir, other, "fast", {**TINY, "ffn_keep": 0.5, "min_top1_agreement": 0.5}, only=["magda"],
+                 base_model=tiny_base, cache=False)
+    assert (other / "magda" / "manifest.json").is_file() and not [p for p in other.iterdir() if p.name[0] == "."]
 
 
 def test_inspect_reports_and_detects_tampering(small_roster: Path, tmp_path: Path, tiny_base: Path) -> None:
