@@ -17,9 +17,9 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import MutableMapping
 from typing import Any, Callable
 
 import torch
