@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
     chars = sorted(roster.characters, key=lambda c: c.id)
     chosen = [c for c in chars if not args.characters or c.id in args.characters.split(",")]
     base = ensure_base_model(args.base)
-    ctx = RosterContext.create(chars, base, resolve_config(args.preset, overrides))
+    ctx = RosterContext.create(chars, base, resolve_config(args.preset, overrides), args.cache)
     rows, curve = [], []
     with tempfile.TemporaryDirectory(prefix="npcforge-quality-") as tmp:
         for ch in chosen:
@@ -181,6 +181,9 @@ def main() -> None:
     p.add_argument("--base", default=None, help="base model folder (default: the provisioned default model)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep calibrations and the dense side of evaluation here for later runs (as a build's "
+                        "OUT/.cache): a second run with other widths, methods or healing settings skips them")
     p.add_argument("--rows", default="", help="append each finished row to this JSON-lines file as it completes")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
