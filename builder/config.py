@@ -129,10 +129,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # answers sampled twice (dense, pruned) and judged already cost more than the 2-minute aim. 64 train queries and
     # 24 heal steps instead of 24 and 12 cost +28 % and lowered KL at keep 0.75 from 0.573/0.567 to 0.486/0.452
     # (aldric, then magda to check), with repetition and judge accuracy back at dense's level; 4x the heal steps
-    # alone gave 0.519: data matters more than steps. Session 5: 96 train queries from a pool of 160 (was 64 of
-    # 96, so nearly every query was used) lowered KL to 0.330 / 0.283 (magda passed the gate) for +4 % CPU.
-    "fast": dict(query_pool=160, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
-                 n_train_queries=96, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
+    # alone gave 0.519: data matters more than steps.
+    "fast": dict(query_pool=96, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
+                 n_train_queries=64, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
                  teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2,
                  n_generic_calibration=8, max_seq_len=192),
     "default": {},
