@@ -150,14 +150,14 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"precision: {c.precision!r} is not one of {', '.join(PRECISIONS)}")
     if c.ffn_precision is not None and c.ffn_precision not in PRECISIONS:
         raise ConfigError(f"ffn_precision: {c.ffn_precision!r} is not one of {', '.join(PRECISIONS)} (or unset)")
-    for name, unset_ok in (("accuracy_level", False), ("ffn_accuracy_level", True)):
+    # MatMulNBits settings; the FFN's own may be unset (None: the trunk's)
+    for name, allowed, what in (("accuracy_level", (0, 1, 2, 3, 4), "0..4 (MatMulNBits)"),
+                                ("ffn_accuracy_level", (0, 1, 2, 3, 4), "0..4 (MatMulNBits)"),
+                                ("quant_block_size", (16, 32, 64, 128, 256), "a power of two in 16..256"),
+                                ("ffn_block_size", (16, 32, 64, 128, 256), "a power of two in 16..256")):
         value = getattr(c, name)
-        if value not in (0, 1, 2, 3, 4) and not (unset_ok and value is None):
-            raise ConfigError(f"{name}: {value} is not 0..4 (MatMulNBits)")
-    for name, unset_ok in (("quant_block_size", False), ("ffn_block_size", True)):
-        value = getattr(c, name)
-        if value not in (16, 32, 64, 128, 256) and not (unset_ok and value is None):
-            raise ConfigError(f"{name}: {value} is not a power of two in 16..256")
+        if value not in allowed and not (name.startswith("ffn_") and value is None):
+            raise ConfigError(f"{name}: {value} is not {what}")
     if not 0.0 <= c.heal_on_policy <= 1.0:
         raise ConfigError(f"heal_on_policy: {c.heal_on_policy} is not in [0, 1]")
     if c.heal_data not in ("auto", "persona", "generic"):

@@ -255,10 +255,11 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
             n, k = weight.shape
             if nbits and quantize:
                 b = g.weight(f"{name}.bias", bias, shared) if bias is not None else None
-                # a character's own FFN may set its compute and blocks apart from the shared trunk's
-                level = config.accuracy_level if shared or config.ffn_accuracy_level is None \
-                    else config.ffn_accuracy_level
-                block = config.quant_block_size if shared or config.ffn_block_size is None else config.ffn_block_size
+                def own(trunk: int, ffn: int | None) -> int:  # a character's FFN may set its own, else the trunk's
+                    return trunk if shared or ffn is None else ffn
+
+                level = own(config.accuracy_level, config.ffn_accuracy_level)
+                block = own(config.quant_block_size, config.ffn_block_size)
                 return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian, block), n, k, b, nbits, level,
                                     block)
             y = g.node("MatMul", [x, g.weight(f"{name}.weight_t", weight.T, shared)])[0]

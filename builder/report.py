@@ -112,8 +112,6 @@ def _quality_tables(quality: dict[str, Any]) -> str:
         metric, _, variant = key.rpartition("_")
         if metric and variant in ("dense", "pruned"):
             pivot.setdefault(metric, {})[variant] = value
-        elif key == "stage_cpu_seconds":
-            continue  # its own table (character_section)
         elif key == "baselines" and isinstance(value, dict):
             for method, metrics in value.items():
                 columns.append(f"baseline {method}")
@@ -148,8 +146,10 @@ def character_section(data: dict[str, Any], level: int = 1) -> str:
                      ["ONNX vs torch: max |logit diff|", v["max_abs_logit_diff"]],
                      ["probe tokens", v["probe_tokens"]]], ["measure", "value"]),
              f"<p><small>{html.escape(sp['note'])}</small></p>",
-             "<h3>Fidelity to the dense model</h3>", _quality_tables(data["quality"])]
-    stages = data["quality"].get("stage_cpu_seconds")
+             "<h3>Fidelity to the dense model</h3>"]
+    quality = dict(data["quality"])
+    stages = quality.pop("stage_cpu_seconds", None)  # its own table below
+    parts.append(_quality_tables(quality))
     if stages:
         total = sum(stages.values())
         parts += ["<h3>Build cost (process CPU seconds, all threads)</h3>",
