@@ -29,7 +29,7 @@ class BuildConfig:
 
     # --- calibration data (builder.calibration) ---
     n_train_queries: int = 64  # persona-sensitive queries answered by the teacher for selection and healing;
-    # sampling is the dearest step on CPU (~2 CPU-s per 64-token answer, docs/quality.md): 20-minute budget
+    # sampling is a dear step on CPU (~0.5 CPU-s per 64-token answer at 24 rows, docs/quality.md): 20-minute budget
     n_heldout_queries: int = 40  # never used for selection or healing; the evaluation split
     n_card_questions: int = 12  # questions about the character the dense model writes from the card
     query_pool: int = 512  # corpus utterances scored for persona sensitivity (seeded sample of a larger corpus)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from builder.config import ConfigError
+from builder.prefix_attention import suffix_mask, use_prefix_attention
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -100,10 +101,10 @@ def prefix_kv(model, prefix: list[int]) -> KV | None:
     return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
-def _cache(kv: KV | None, batch: int) -> DynamicCache | None:
-    if kv is None:
-        return None
-    return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
+def _prefix_args(model, kv: KV | None) -> dict:
+    """Model-call arguments that continue the batch from the shared prefix in `kv` (builder.prefix_attention)."""
+    use_prefix_attention(model)
+    return {} if kv is None else {"prefix_kv": kv}
 
 
 def forward(model, kv: KV | None, rows: list[list[int]], pad_id: int, hidden: bool = False):
@@ -115,11 +116,11 @@ def forward(model, kv: KV | None, rows: list[list[int]], pad_id: int, hidden: bo
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
     past = 0 if kv is None else kv[0][0].shape[2]
-    attention = torch.cat([torch.ones((batch, past), dtype=torch.long), mask], dim=1)
     positions = (past + torch.arange(width)).unsqueeze(0).expand(batch, -1)
     dev = model.device
-    return model(input_ids=ids.to(dev), attention_mask=attention.to(dev), position_ids=positions.to(dev),
-                 past_key_values=_cache(kv, batch), use_cache=kv is not None, output_hidden_states=hidden)
+    return model(input_ids=ids.to(dev), attention_mask=suffix_mask(mask.to(dev), width),
+                 position_ids=positions.to(dev), use_cache=False, output_hidden_states=hidden,
+                 **_prefix_args(model, kv))
 
 
 def target_logits(logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
@@ -164,16 +165,17 @@ def generate(model, tok, kv: KV | None, prompts: list[list[int]], n: int, max_ne
         mask[i, width - len(r):] = 1
     past = 0 if kv is None else kv[0][0].shape[2]
     dev = model.device
-    attention = torch.cat([torch.ones((batch, past), dtype=torch.long), mask], dim=1).to(dev)
+    valid = mask.to(dev)  # (B, suffix so far): the prefix is not in it, the cache below holds the suffix only
     positions = (past + (mask.cumsum(1) - 1).clamp(min=0)).to(dev)
     ids = ids.to(dev)
-    cache = _cache(kv, batch) or DynamicCache()
+    cache = DynamicCache()
+    extra = _prefix_args(model, kv)
     stops = eos_ids(model, tok)
     out: list[list[int]] = [[] for _ in range(batch)]
     alive = torch.ones(batch, dtype=torch.bool)
     for _ in range(max_new):
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        logits = model(input_ids=ids, attention_mask=suffix_mask(valid, ids.shape[1]), position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1].float()
         nxt = _sample(logits, temperature, top_p, generator).cpu()
         for i in torch.nonzero(alive).flatten().tolist():
             t = int(nxt[i])
@@ -184,7 +186,7 @@ def generate(model, tok, kv: KV | None, prompts: list[list[int]], n: int, max_ne
         if not alive.any():
             break
         ids = nxt.unsqueeze(1).to(dev)
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long, device=dev)], dim=1)
+        valid = torch.cat([valid, torch.ones((batch, 1), dtype=valid.dtype, device=dev)], dim=1)
         positions = positions[:, -1:] + 1
     return out
 

@@ -1,0 +1,98 @@
+"""Shared-prefix attention (builder.prefix_attention) against the plainest reference there is: each whole sequence,
+system prompt included, run alone through the stock model with no cache and no padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builder import lm
+from builder.basemodel import load_model
+from builder.prefix_attention import NAME, suffix_mask
+
+SYSTEM = "You are Magda, the blacksmith of Dunmere. You speak bluntly and you love your anvil."
+TURNS = [[("user", "Hello there!"), ("assistant", "Aye. What do you want?")],
+         [("user", "What do you sell, smith? Tell me everything."), ("assistant", "Blades, nails, horseshoes.")],
+         [("user", "Bye."), ("assistant", "Hm.")]]
+
+
+@pytest.fixture()
+def model_tok(tiny_base):
+    model, tok = load_model(tiny_base)
+    return model, tok
+
+
+def _rows(tok):
+    prefix, _ = lm.chat_seq(tok, SYSTEM, [])
+    return prefix, [lm.chat_seq(tok, SYSTEM, turns)[1].ids for turns in TURNS]
+
+
+def _alone(model, ids: list[int]) -> torch.Tensor:
+    """Logits of one unpadded sequence through the stock attention (sdpa), no cache: (S, V)."""
+    model.set_attn_implementation("sdpa")
+    return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def test_suffix_mask_is_causal_over_valid_keys_and_never_empty():
+    m = suffix_mask(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]), 2)[:, 0]  # (B, Q, S): the last two are queries
+    assert m[0].tolist() == [[False, True, True, False], [False, True, True, True]]
+    assert m[1].tolist() == [[True, True, True, False], [True, True, True, True]]  # right padding sees itself too
+    left = suffix_mask(torch.tensor([[0, 0, 1, 1]]), 4)[0, 0]
+    assert left.tolist() == [[True, False, False, False], [False, True, False, False],  # left padding: itself only
+                             [False, False, True, False], [False, False, True, True]]
+
+
+def test_prefix_batch_matches_each_sequence_run_alone(model_tok):
+    model, tok = model_tok
+    prefix, rows = _rows(tok)
+    with torch.no_grad():
+        expected = [_alone(model, prefix + r)[len(prefix):] for r in rows]
+        logits = lm.forward(model, lm.prefix_kv(model, prefix), rows, tok.pad_token_id).logits
+        unprefixed = lm.forward(model, None, [prefix + r for r in rows], tok.pad_token_id).logits
+    assert model.config._attn_implementation == NAME
+    assert len({len(r) for r in rows}) == 3  # right padding is exercised
+    for i, r in enumerate(rows):
+        assert torch.allclose(logits[i, :len(r)], expected[i], atol=1e-4)
+        assert torch.allclose(unprefixed[i, len(prefix):len(prefix) + len(r)], expected[i], atol=1e-4)
+
+
+def test_gradients_through_the_prefix_batch_match_the_reference(model_tok):
+    model, tok = model_tok
+    prefix, rows = _rows(tok)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        kv = lm.prefix_kv(model, prefix)
+    logits = lm.forward(model, kv, rows, tok.pad_token_id).logits
+    sum(logits[i, :len(r)].logsumexp(-1).sum() for i, r in enumerate(rows)).backward()
+    ours, weight.grad = weight.grad.clone(), None
+    # the reference trains the prefix positions too; their gradient is what the builder leaves out on purpose
+    # (lm.prefix_kv), so the reference runs the prefix without grad as well
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        past = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+    total = 0
+    for r in rows:
+        cache = type(past)()
+        for i, layer in enumerate(past.layers):
+            cache.update(layer.keys.clone(), layer.values.clone(), i)
+        out = model(input_ids=torch.tensor([r]), past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(len(prefix), len(prefix) + len(r))[None])
+        total = total + out.logits[0].logsumexp(-1).sum()
+    total.backward()
+    assert torch.allclose(ours, weight.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_generation_from_the_prefix_equals_generation_of_the_whole_prompt(model_tok):
+    model, tok = model_tok
+    prefix, _ = lm.chat_seq(tok, SYSTEM, [])
+    prompts = [lm.chat_seq(tok, SYSTEM, [("user", q)], generation_prompt=True)[1].ids for q in ("Hi.", "Any work?")]
+    g = torch.Generator()
+    shared = lm.generate(model, tok, lm.prefix_kv(model, prefix), prompts, 2, 10, 0.0, 1.0, g)
+    whole = lm.generate(model, tok, None, [prefix + p for p in prompts], 1, 10, 0.0, 1.0, g)
+    assert shared == [whole[0], whole[0], whole[1], whole[1]]
+    assert any(shared)  # something was generated: the comparison is not between empty lists
+    for p, reply in zip(prompts, whole):  # and greedy over the model run alone gives the same tokens
+        ids = prefix + p
+        for t in reply:
+            with torch.no_grad():
+                assert int(_alone(model, ids)[-1].argmax()) == t
+            ids = ids + [t]
