@@ -128,9 +128,9 @@ def hidden_states(ctx: RosterContext, prompt: str, queries: list[str], layers: l
         rows = [lm.chat_seq(ctx.tok, prompt, [("user", q)], generation_prompt=True)[1].ids for q in todo]
         for start in range(0, len(rows), batch):
             chunk = rows[start:start + batch]
-            out = lm.forward(ctx.model, kv, chunk, ctx.tok.pad_token_id, hidden=True)
+            hidden = lm.hidden_states(ctx.model, kv, chunk, ctx.tok.pad_token_id)
             for i, r in enumerate(chunk):
-                cache[todo[start + i]] = torch.stack([out.hidden_states[l][i, len(r) - 1].float() for l in layers])
+                cache[todo[start + i]] = torch.stack([hidden[l][i, len(r) - 1].float() for l in layers])
     return torch.stack([cache[q] for q in queries])
 
 
@@ -179,15 +179,16 @@ def _norm(q: str) -> str:
 
 def split_queries(pool: list[tuple[str, str]], scores: torch.Tensor, config: BuildConfig,
                   rng: random.Random) -> tuple[list[int], list[int]]:
-    """Indices of (train, held-out) among the most persona-sensitive queries. Held-out queries are drawn first and
-    never come from the card's example dialogues (their answers are in the system prompt: copying would pass)."""
+    """Indices of (train, held-out) among the most persona-sensitive queries. The held-out queries are a seeded
+    sample of the 2 × n_heldout most sensitive queries that are not from the card's example dialogues (their
+    answers are in the system prompt: copying would pass), drawn before the training budget is looked at: builds
+    with more or fewer training queries are evaluated on the same queries. Training takes the most sensitive rest."""
     order = sorted(range(len(pool)), key=lambda i: -float(scores[i]))
-    top = order[:config.n_train_queries + config.n_heldout_queries]
-    eligible = [i for i in top if pool[i][1] != "example"]
+    eligible = [i for i in order if pool[i][1] != "example"][:2 * config.n_heldout_queries]
     heldout = set(rng.sample(eligible, min(config.n_heldout_queries, len(eligible))))
     if len(heldout) < config.n_heldout_queries:
         log.warning("only %d held-out queries available (asked for %d)", len(heldout), config.n_heldout_queries)
-    train = [i for i in top if i not in heldout]
+    train = [i for i in order if i not in heldout][:config.n_train_queries]
     return train, sorted(heldout, key=order.index)
 
 
@@ -253,7 +254,7 @@ def calibrate(character: Character, ctx: RosterContext, config: BuildConfig,
     train_idx, held_idx = split_queries(items, scores, config, rng)
 
     say(f"calibration: teacher answers for {len(train_idx) + len(held_idx)} queries")
-    chosen = train_idx + held_idx
+    chosen = held_idx + train_idx  # held-out first: their reference answers do not depend on the training budget
     cands = candidates(ctx, system, [items[i][0] for i in chosen], config, gen)
     refs = [judge_prompt(r, config.user_name) for r in references(character, ctx, config.judge_references)]
     train, heldout, rejected = [], [], 0

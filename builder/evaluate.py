@@ -34,9 +34,8 @@ def teacher_forced(dense, pruned, seqset: lm.SeqSet, batch: int, pad_id: int) ->
     n = 0
     for i in range(0, len(seqset.seqs), batch):
         chunk = seqset.seqs[i:i + batch]
-        rows = [s.ids for s in chunk]
-        d = lm.target_logits(lm.forward(dense, kv_d, rows, pad_id).logits, chunk).float()
-        p = lm.target_logits(lm.forward(pruned, kv_p, rows, pad_id).logits, chunk).float()
+        d = lm.target_forward(dense, kv_d, chunk, pad_id).float()
+        p = lm.target_forward(pruned, kv_p, chunk, pad_id).float()
         y = lm.target_ids(chunk, d.device)
         kl += float(lm.kl_per_token(d, p).sum())
         ce_d += float(torch.nn.functional.cross_entropy(d, y, reduction="sum"))

@@ -91,12 +91,11 @@ def heal(student, teacher, seqset: lm.SeqSet, config: BuildConfig, pad_id: int, 
             on_policy = on_policy and pool is not None  # a pool of empty replies: this step stays off-policy
             chunk = next(pool) if on_policy else next(feed)
             on_steps += on_policy
-            rows = [s.ids for s in chunk]
             with torch.no_grad():
-                t = lm.target_logits(lm.forward(teacher, teacher_kv, rows, pad_id).logits, chunk)
+                t = lm.target_forward(teacher, teacher_kv, chunk, pad_id)
             with torch.no_grad():  # the student's own prompt cache, as a constant (see lm.prefix_kv)
                 kv = lm.prefix_kv(work, seqset.prefix)
-            s = lm.target_logits(lm.forward(work, kv, rows, pad_id).logits, chunk)
+            s = lm.target_forward(work, kv, chunk, pad_id)
             loss = lm.kl_per_token(t, s).mean()
             work.zero_grad(set_to_none=True)
             loss.backward()

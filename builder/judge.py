@@ -85,11 +85,10 @@ class PersonaJudge:
             _, kv = self._prefix(prompt)
             for start in range(0, len(seqs), self.batch):
                 chunk = seqs[start:start + self.batch]
-                logits = lm.forward(self.model, kv, [s.ids for s in chunk], self.tok.pad_token_id).logits
-                for i, s in enumerate(chunk):
-                    picked = lm.target_logits(logits[i:i + 1], [s])
-                    lp = torch.log_softmax(picked.float(), -1).gather(-1, lm.target_ids([s], picked.device)[:, None])
-                    result[start + i, j] = float(lp.mean()) if lp.numel() else float("-inf")
+                picked = lm.target_forward(self.model, kv, chunk, self.tok.pad_token_id).float()  # (N, V)
+                lp = torch.log_softmax(picked, -1).gather(-1, lm.target_ids(chunk, picked.device)[:, None])[:, 0]
+                for i, part in enumerate(lp.split([sum(s.target[1:]) for s in chunk])):
+                    result[start + i, j] = float(part.mean()) if part.numel() else float("-inf")
         return result
 
 

@@ -69,8 +69,7 @@ def taylor_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[torc
     ones = [torch.ones(m.down_proj.in_features, requires_grad=True, device=model.device) for m in lm.mlps(model)]
     with lm.channel_hook(model, lambda i, h: h * ones[i].to(h.dtype)):
         for chunk in _rows(seqset, batch):
-            logits = lm.forward(model, None, [s.ids for s in chunk], pad_id).logits
-            loss = torch.nn.functional.cross_entropy(lm.target_logits(logits, chunk).float(),
+            loss = torch.nn.functional.cross_entropy(lm.target_forward(model, None, chunk, pad_id).float(),
                                                      lm.target_ids(chunk, model.device))
             loss.backward()
     return [o.grad.abs() for o in ones]
@@ -88,14 +87,13 @@ def topk(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 def masked_kl(model, seqset: lm.SeqSet, chunk: list[lm.Seq], masks: list[torch.Tensor] | None,
               dense_kv: lm.KV | None, pad_id: int) -> torch.Tensor:
     """Mean KL(dense ‖ masked model) on the chunk's target tokens; `masks` may carry straight-through grads."""
-    rows = [s.ids for s in chunk]
     with torch.no_grad():
-        teacher = lm.target_logits(lm.forward(model, dense_kv, rows, pad_id).logits, chunk)
+        teacher = lm.target_forward(model, dense_kv, chunk, pad_id)
     hook = (lambda i, h: h * masks[i].to(h.dtype)) if masks is not None else (lambda i, h: None)
     with lm.channel_hook(model, hook):
         with torch.no_grad():  # the masked prompt, as a constant: see lm.prefix_kv on why it is not trained through
             kv = lm.prefix_kv(model, seqset.prefix)
-        student = lm.target_logits(lm.forward(model, kv, rows, pad_id).logits, chunk)
+        student = lm.target_forward(model, kv, chunk, pad_id)
     return lm.kl_per_token(teacher, student).mean()
 
 

@@ -71,6 +71,10 @@ class _Parrot(torch.nn.Module):
         super().__init__()
         self.real, self.script, self.step = real, script, 0
         self.config, self.generation_config = real.config, real.generation_config
+        self.model = real.model  # the decoder stack: prompt caches are the real model's
+
+    def set_attn_implementation(self, name: str) -> None:
+        self.real.set_attn_implementation(name)
 
     @property
     def device(self) -> torch.device:

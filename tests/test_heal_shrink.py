@@ -84,9 +84,8 @@ def test_heal_lowers_kl_and_respects_scope(models, scope):
 
 def _kl(dense, student, data, pad):
     with torch.no_grad():
-        rows = [s.ids for s in data.seqs]
-        t = lm.target_logits(lm.forward(dense, lm.prefix_kv(dense, data.prefix), rows, pad).logits, data.seqs)
-        s = lm.target_logits(lm.forward(student, lm.prefix_kv(student, data.prefix), rows, pad).logits, data.seqs)
+        t = lm.target_forward(dense, lm.prefix_kv(dense, data.prefix), data.seqs, pad)
+        s = lm.target_forward(student, lm.prefix_kv(student, data.prefix), data.seqs, pad)
     return lm.kl_per_token(t, s).mean().item()
 
 

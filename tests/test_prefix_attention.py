@@ -26,6 +26,11 @@ def _rows(tok):
     return prefix, [lm.chat_seq(tok, SYSTEM, turns)[1].ids for turns in TURNS]
 
 
+def _every(ids: list[int]) -> lm.Seq:
+    """Every token but the first a target: target_forward then gives the logits of positions 0..len-2."""
+    return lm.Seq(ids, [False] + [True] * (len(ids) - 1))
+
+
 def _alone(model, ids: list[int]) -> torch.Tensor:
     """Logits of one unpadded sequence through the stock attention (sdpa), no cache: (S, V)."""
     model.set_attn_implementation("sdpa")
@@ -45,14 +50,18 @@ def test_prefix_batch_matches_each_sequence_run_alone(model_tok):
     model, tok = model_tok
     prefix, rows = _rows(tok)
     with torch.no_grad():
-        expected = [_alone(model, prefix + r)[len(prefix):] for r in rows]
-        logits = lm.forward(model, lm.prefix_kv(model, prefix), rows, tok.pad_token_id).logits
-        unprefixed = lm.forward(model, None, [prefix + r for r in rows], tok.pad_token_id).logits
+        expected = [_alone(model, prefix + r)[len(prefix):-1] for r in rows]
+        logits = lm.target_forward(model, lm.prefix_kv(model, prefix), [_every(r) for r in rows], tok.pad_token_id)
+        unprefixed = lm.target_forward(model, None, [_every(prefix + r) for r in rows], tok.pad_token_id)
+        hidden = lm.hidden_states(model, lm.prefix_kv(model, prefix), rows, tok.pad_token_id)
     assert model.config._attn_implementation == NAME
     assert len({len(r) for r in rows}) == 3  # right padding is exercised
-    for i, r in enumerate(rows):
-        assert torch.allclose(logits[i, :len(r)], expected[i], atol=1e-4)
-        assert torch.allclose(unprefixed[i, len(prefix):len(prefix) + len(r)], expected[i], atol=1e-4)
+    assert torch.allclose(logits, torch.cat(expected), atol=1e-4)
+    first = len(prefix) + len(rows[0]) - 1
+    assert torch.allclose(unprefixed[len(prefix):first], expected[0], atol=1e-4)
+    # hidden states of every layer, without the vocabulary projection: the last one projects to the same logits
+    assert len(hidden) == model.config.num_hidden_layers + 1
+    assert torch.allclose(model.lm_head(hidden[-1][0, :len(rows[0]) - 1]), expected[0], atol=1e-4)
 
 
 def test_gradients_through_the_prefix_batch_match_the_reference(model_tok):
@@ -61,8 +70,7 @@ def test_gradients_through_the_prefix_batch_match_the_reference(model_tok):
     weight = model.model.layers[0].mlp.down_proj.weight
     with torch.no_grad():
         kv = lm.prefix_kv(model, prefix)
-    logits = lm.forward(model, kv, rows, tok.pad_token_id).logits
-    sum(logits[i, :len(r)].logsumexp(-1).sum() for i, r in enumerate(rows)).backward()
+    lm.target_forward(model, kv, [_every(r) for r in rows], tok.pad_token_id).logsumexp(-1).sum().backward()
     ours, weight.grad = weight.grad.clone(), None
     # the reference trains the prefix positions too; their gradient is what the builder leaves out on purpose
     # (lm.prefix_kv), so the reference runs the prefix without grad as well
@@ -76,7 +84,7 @@ def test_gradients_through_the_prefix_batch_match_the_reference(model_tok):
             cache.update(layer.keys.clone(), layer.values.clone(), i)
         out = model(input_ids=torch.tensor([r]), past_key_values=cache, use_cache=True,
                     position_ids=torch.arange(len(prefix), len(prefix) + len(r))[None])
-        total = total + out.logits[0].logsumexp(-1).sum()
+        total = total + out.logits[0, :-1].logsumexp(-1).sum()
     total.backward()
     assert torch.allclose(ours, weight.grad, atol=1e-4, rtol=1e-3)
 
@@ -96,3 +104,13 @@ def test_generation_from_the_prefix_equals_generation_of_the_whole_prompt(model_
             with torch.no_grad():
                 assert int(_alone(model, ids)[-1].argmax()) == t
             ids = ids + [t]
+
+
+def test_target_rows_pick_the_rows_before_each_target_in_order_and_pass_gradients():
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3).requires_grad_()
+    seqs = [lm.Seq([5, 6, 7, 8], [False, True, False, True]), lm.Seq([5, 6, 7], [False, False, True])]
+    picked = lm.target_rows(logits, seqs)  # targets at (0, 1), (0, 3), (1, 2): predicted from one position before
+    assert picked.tolist() == [logits[0, 0].tolist(), logits[0, 2].tolist(), logits[1, 1].tolist()]
+    picked.sum().backward()
+    assert logits.grad.sum(-1).tolist() == [[3, 0, 3, 0], [0, 3, 0, 0]]
+    assert lm.target_rows(logits, [lm.Seq([5], [False])]).shape == (0, 3)
