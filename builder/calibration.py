@@ -177,19 +177,22 @@ def _norm(q: str) -> str:
     return " ".join(judge.words(q))
 
 
-def split_queries(pool: list[tuple[str, str]], scores: torch.Tensor, config: BuildConfig,
-                  rng: random.Random) -> tuple[list[int], list[int]]:
-    """Indices of (train, held-out) among the most persona-sensitive queries. The held-out queries are a seeded
-    sample of the 2 × n_heldout most sensitive queries that are not from the card's example dialogues (their
-    answers are in the system prompt: copying would pass), drawn before the training budget is looked at: builds
-    with more or fewer training queries are evaluated on the same queries. Training takes the most sensitive rest."""
+def split_queries(pool: list[tuple[str, str]], scores: torch.Tensor,
+                  config: BuildConfig) -> tuple[list[int], list[int]]:
+    """Indices of (train, held-out) among the most persona-sensitive queries. Held out: every `heldout_stride`-th
+    query of the pool ranked by sensitivity (closer when the pool is too small for that), from the top down, never
+    one from the card's example dialogues (their answers are in the system prompt: copying would pass). So the
+    held-out queries are as sensitive as the training ones, and the split does not depend on the training budget:
+    builds with more or fewer training queries are evaluated on the same queries. Training takes the most
+    sensitive of the rest."""
     order = sorted(range(len(pool)), key=lambda i: -float(scores[i]))
-    eligible = [i for i in order if pool[i][1] != "example"][:2 * config.n_heldout_queries]
-    heldout = set(rng.sample(eligible, min(config.n_heldout_queries, len(eligible))))
+    eligible = [i for i in order if pool[i][1] != "example"]
+    stride = max(1, min(config.heldout_stride, len(eligible) // max(1, config.n_heldout_queries)))
+    heldout = eligible[::stride][:config.n_heldout_queries]
     if len(heldout) < config.n_heldout_queries:
         log.warning("only %d held-out queries available (asked for %d)", len(heldout), config.n_heldout_queries)
-    train = [i for i in order if i not in heldout][:config.n_train_queries]
-    return train, sorted(heldout, key=order.index)
+    train = [i for i in order if i not in set(heldout)][:config.n_train_queries]
+    return train, heldout
 
 
 def trim_answer(text: str, hit_cap: bool) -> str | None:
@@ -251,7 +254,7 @@ def calibrate(character: Character, ctx: RosterContext, config: BuildConfig,
 
     say(f"calibration: persona sensitivity of {len(items)} queries")
     scores = sensitivity(ctx, character, [q for q, _ in items], config)
-    train_idx, held_idx = split_queries(items, scores, config, rng)
+    train_idx, held_idx = split_queries(items, scores, config)
 
     say(f"calibration: teacher answers for {len(train_idx) + len(held_idx)} queries")
     chosen = held_idx + train_idx  # held-out first: their reference answers do not depend on the training budget

@@ -31,6 +31,9 @@ class BuildConfig:
     n_train_queries: int = 64  # persona-sensitive queries answered by the teacher for selection and healing;
     # sampling is a dear step on CPU (~0.5 CPU-s per 64-token answer at 24 rows, docs/quality.md): 20-minute budget
     n_heldout_queries: int = 40  # never used for selection or healing; the evaluation split
+    # the held-out queries are every n-th of the pool ranked by persona sensitivity (fewer when the pool is small):
+    # as sensitive as the training queries, and the same whatever n_train_queries is (docs/quality.md)
+    heldout_stride: int = 3
     n_card_questions: int = 12  # questions about the character the dense model writes from the card
     query_pool: int = 512  # corpus utterances scored for persona sensitivity (seeded sample of a larger corpus)
     teacher_candidates: int = 2  # sampled answers per query, ranked by the persona judge; all accepted ones train
@@ -48,7 +51,7 @@ class BuildConfig:
     generation_rows: int = 24  # sampled rows decoded together; one decode step costs little more at 24 rows than 1
 
     # --- channel selection (builder.selection) ---
-    mask_steps: int = 32  # straight-through top-k steps, ~5 CPU-s each at batch 4 (docs/quality.md)
+    mask_steps: int = 32  # straight-through top-k steps, ~5 CPU-s each at batch 4 (17 before builder 0.3.0)
     mask_lr: float = 0.002  # SGD (momentum 0.9) on per-layer normalised gradients; scores start at mean 1.
     # First-order swap estimates undercount the cost of removing a kept channel: large steps reshuffle the mask
     # into noise (tests/test_selection.py), so the scores move a few hundredths per step at most.
@@ -63,7 +66,7 @@ class BuildConfig:
     # folds of the calibration queries; the two-exchange chats that mix folds need Gram matrices of their own
     # (I² floats per layer each): 2 folds keep 4 per layer, ~1.1 GB at 135M
     refit_folds: int = 2
-    heal_steps: int = 64  # ~6 CPU-s each at batch 4; FACTS 4d: most of the gain comes in the first 60-150
+    heal_steps: int = 64  # ~5 CPU-s each at batch 4; FACTS 4d: most of the gain comes in the first 60-150
     heal_lr: float = 1e-4
     heal_batch: int = 4
     # share of heal steps on the student's own sampled replies to training queries, scored by the teacher
@@ -125,17 +128,18 @@ METHODS = ("persona-pruner", "persona-activation", "magnitude", "wanda-sp", "tay
 PRECISIONS = ("fp32", "int8", "int4")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # fast: tests and demos. ~11 CPU-minutes per character on the default model (docs/quality.md): 40 held-out
-    # answers sampled twice (dense, pruned) and judged already cost more than the 2-minute aim. 64 train queries and
-    # 24 heal steps instead of 24 and 12 cost +28 % and lowered KL at keep 0.75 from 0.573/0.567 to 0.486/0.452
-    # (aldric, then magda to check), with repetition and judge accuracy back at dense's level; 4x the heal steps
-    # alone gave 0.519: data matters more than steps.
-    "fast": dict(query_pool=96, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
-                 n_train_queries=64, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
+    # fast: tests and demos. ~7 CPU-minutes per character on the default model (docs/quality.md): the evaluation
+    # alone (40 held-out answers sampled twice, dense and pruned, and judged) costs the 2-minute aim. 64 train
+    # queries and 24 heal steps instead of 24 and 12 cost +28 % and lowered KL at keep 0.75 from 0.573/0.567 to
+    # 0.486/0.452 (aldric, then magda to check), with repetition and judge accuracy back at dense's level; 4x the
+    # heal steps alone gave 0.519: data matters more than steps. 96 of a pool of 160 instead of 64 (session 6, same
+    # held-out queries): KL -19/-7/-7 %, judge +5 to +7.5 points on aldric, magda, rosie (docs/quality.md).
+    "fast": dict(query_pool=160, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
+                 n_train_queries=96, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
                  teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2,
                  n_generic_calibration=8, max_seq_len=192),
     "default": {},
-    # best: what a release build can afford (~1 CPU-hour per character)
+    # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups)
     "best": dict(n_train_queries=192, teacher_candidates=3, n_card_questions=24, multi_turn_sequences=192,
                  mask_steps=120, heal_steps=300),
 }
@@ -144,6 +148,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _validate(c: BuildConfig) -> None:
     if c.method not in METHODS:
         raise ConfigError(f"method: unknown method {c.method!r}; choose one of {', '.join(METHODS)}")
+    if c.heldout_stride < 1:
+        raise ConfigError(f"heldout_stride: {c.heldout_stride} must be at least 1")
     if not 0.0 < c.ffn_keep <= 1.0:
         raise ConfigError(f"ffn_keep: {c.ffn_keep} is not in (0, 1]")
     if c.precision not in PRECISIONS:

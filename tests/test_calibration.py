@@ -70,20 +70,21 @@ def test_split_prefers_sensitive_queries_and_keeps_examples_in_training():
     config = tiny_config(n_train_queries=3, n_heldout_queries=2)
     pool = [("a?", "corpus"), ("b?", "example"), ("c?", "corpus"), ("d?", "card"), ("e?", "corpus"), ("f?", "corpus")]
     scores = torch.tensor([0.9, 0.95, 0.8, 0.7, 0.1, 0.6])
-    train, held = calibration.split_queries(pool, scores, config, random.Random(0))
-    assert set(held) <= {0, 2, 3, 5} and len(held) == 2  # the 2 x 2 most sensitive that are not examples
-    assert 1 in train and not set(train) & set(held) and len(train) == 3
-    rest = [i for i in (1, 0, 2, 3, 5) if i not in held]  # training: the most sensitive of the others, in order
-    assert train == rest[:3]
+    train, held = calibration.split_queries(pool, scores, config)
+    # ranked: b (example), a, c, d, f, e; five are eligible, so every second one of them is held out
+    assert held == [0, 3]
+    assert train == [1, 2, 5]  # the most sensitive of the rest, the example included
 
 
 def test_held_out_split_does_not_depend_on_the_training_budget():
-    pool = [(f"q{i}?", "example" if i % 7 == 0 else "corpus") for i in range(60)]
-    scores = torch.linspace(1, 0, 60)
-    splits = [calibration.split_queries(pool, scores, tiny_config(n_train_queries=n, n_heldout_queries=8),
-                                        random.Random(3)) for n in (8, 20, 40)]
+    pool = [(f"q{i}?", "example" if i % 7 == 0 else "corpus") for i in range(200)]
+    scores = torch.linspace(1, 0, 200)
+    splits = [calibration.split_queries(pool, scores, tiny_config(n_train_queries=n, n_heldout_queries=20))
+              for n in (8, 40, 80)]
     assert splits[0][1] == splits[1][1] == splits[2][1]
-    assert [len(train) for train, _ in splits] == [8, 20, 40]
+    eligible = [i for i in range(200) if i % 7]
+    assert splits[0][1] == eligible[::3][:20]  # every third of the ranked pool: as sensitive as the training queries
+    assert [len(train) for train, _ in splits] == [8, 40, 80]
     assert splits[1][0][:8] == splits[0][0]  # a larger budget adds less sensitive queries, keeps the first ones
 
 

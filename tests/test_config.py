@@ -26,6 +26,7 @@ def test_layers_apply_in_order():
     ({"ffn_accuracy_level": 7}, "ffn_accuracy_level"),
     ({"ffn_accuracy_level": "fast"}, "ffn_accuracy_level"),
     ({"ffn_block_size": 24}, "ffn_block_size"),
+    ({"heldout_stride": 0}, "heldout_stride"),
 ])
 def test_bad_settings_name_the_field(layer, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
