@@ -191,7 +191,8 @@ def split_queries(pool: list[tuple[str, str]], scores: torch.Tensor,
     heldout = eligible[::stride][:config.n_heldout_queries]
     if len(heldout) < config.n_heldout_queries:
         log.warning("only %d held-out queries available (asked for %d)", len(heldout), config.n_heldout_queries)
-    train = [i for i in order if i not in set(heldout)][:config.n_train_queries]
+    held = set(heldout)
+    train = [i for i in order if i not in held][:config.n_train_queries]
     return train, heldout
 
 

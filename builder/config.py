@@ -31,7 +31,7 @@ class BuildConfig:
     n_train_queries: int = 64  # persona-sensitive queries answered by the teacher for selection and healing;
     # sampling is a dear step on CPU (~0.5 CPU-s per 64-token answer at 24 rows, docs/quality.md): 20-minute budget
     n_heldout_queries: int = 40  # never used for selection or healing; the evaluation split
-    # the held-out queries are every n-th of the pool ranked by persona sensitivity (fewer when the pool is small):
+    # the held-out queries are every n-th of the pool ranked by persona sensitivity (closer when the pool is small):
     # as sensitive as the training queries, and the same whatever n_train_queries is (docs/quality.md)
     heldout_stride: int = 3
     n_card_questions: int = 12  # questions about the character the dense model writes from the card
