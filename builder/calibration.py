@@ -126,11 +126,10 @@ def hidden_states(ctx: RosterContext, prompt: str, queries: list[str], layers: l
         prefix, _ = lm.chat_seq(ctx.tok, prompt, [])
         kv = lm.prefix_kv(ctx.model, prefix)
         rows = [lm.chat_seq(ctx.tok, prompt, [("user", q)], generation_prompt=True)[1].ids for q in todo]
-        for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
-            hidden = lm.hidden_states(ctx.model, kv, chunk, ctx.tok.pad_token_id)
-            for i, r in enumerate(chunk):
-                cache[todo[start + i]] = torch.stack([hidden[l][i, len(r) - 1].float() for l in layers])
+        for idx in lm.by_length([len(r) for r in rows], batch):
+            hidden = lm.hidden_states(ctx.model, kv, [rows[j] for j in idx], ctx.tok.pad_token_id)
+            for i, j in enumerate(idx):
+                cache[todo[j]] = torch.stack([hidden[l][i, len(rows[j]) - 1].float() for l in layers])
     return torch.stack([cache[q] for q in queries])
 
 
@@ -261,15 +260,20 @@ def calibrate(character: Character, ctx: RosterContext, config: BuildConfig,
     chosen = held_idx + train_idx  # held-out first: their reference answers do not depend on the training budget
     cands = candidates(ctx, system, [items[i][0] for i in chosen], config, gen)
     refs = [judge_prompt(r, config.user_name) for r in references(character, ctx, config.judge_references)]
-    train, heldout, rejected = [], [], 0
-    for i, answers in zip(chosen, cands):
+    accepted = [[a for _, a in answers if acceptable(a, system, config)] for answers in cands]
+    rejected = sum(len(answers) - len(ok) for answers, ok in zip(cands, accepted))
+    # every answer to rank in one judge call: per-query calls of two answers ran half-empty batches
+    ranked = [(n, j) for n, ok in enumerate(accepted) if len(ok) > 1 for j in range(len(ok))]
+    ll = ctx.judge.loglik([system] + refs, [(items[chosen[n]][0], accepted[n][j]) for n, j in ranked])
+    margins: dict[int, list[float]] = {}
+    for (n, _), row in zip(ranked, ll):
+        margins.setdefault(n, []).append(float(row[0] - (row[1:].max() if refs else 0)))
+    train, heldout = [], []
+    for n, (i, answers) in enumerate(zip(chosen, cands)):
         query, source = items[i]
-        ok = [a for _, a in answers if acceptable(a, system, config)]
-        rejected += len(answers) - len(ok)
-        if len(ok) > 1:
-            ll = ctx.judge.loglik([system] + refs, [(query, a) for a in ok])
-            margin = ll[:, 0] - (ll[:, 1:].max(dim=1).values if refs else 0)
-            ok = [ok[j] for j in margin.argsort(descending=True).tolist()]
+        ok = accepted[n]
+        if n in margins:
+            ok = [ok[j] for j in sorted(range(len(ok)), key=lambda j: -margins[n][j])]
         if i in held_idx and not ok:
             ok = [raw for raw, _ in answers if raw]  # a held-out reference is whatever the dense model says
         if ok:

@@ -83,12 +83,12 @@ class PersonaJudge:
         seqs = [lm.chat_seq(self.tok, "x", [("user", q), ("assistant", a)])[1] for q, a in pairs]
         for j, prompt in enumerate(prompts):
             _, kv = self._prefix(prompt)
-            for start in range(0, len(seqs), self.batch):
-                chunk = seqs[start:start + self.batch]
+            for idx in lm.by_length([len(s.ids) for s in seqs], self.batch):
+                chunk = [seqs[i] for i in idx]
                 picked = lm.target_forward(self.model, kv, chunk, self.tok.pad_token_id).float()  # (N, V)
                 lp = torch.log_softmax(picked, -1).gather(-1, lm.target_ids(chunk, picked.device)[:, None])[:, 0]
-                for i, part in enumerate(lp.split([sum(s.target[1:]) for s in chunk])):
-                    result[start + i, j] = float(part.mean()) if part.numel() else float("-inf")
+                for i, part in zip(idx, lp.split([sum(s.target[1:]) for s in chunk])):
+                    result[i, j] = float(part.mean()) if part.numel() else float("-inf")
         return result
 
 

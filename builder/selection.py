@@ -34,7 +34,7 @@ class SelectionData:
 
 
 def _rows(seqset: lm.SeqSet, batch: int) -> list[list[lm.Seq]]:
-    return [seqset.seqs[i:i + batch] for i in range(0, len(seqset.seqs), batch)]
+    return [[seqset.seqs[i] for i in idx] for idx in lm.by_length([len(s.ids) for s in seqset.seqs], batch)]
 
 
 def activation_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[torch.Tensor]:

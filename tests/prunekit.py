@@ -47,6 +47,8 @@ class Teacher(BaseHTTPRequestHandler):
             self.wfile.write(b"model exploded")
             return
         text = f"Aye, {body['messages'][1]['content'].rstrip('?')}. Mind the sparks."
+        if body["model"] == "two-voices" and len(Teacher.seen) % 2:  # every other candidate in another voice
+            text = f"Hmph. {body['messages'][1]['content'].rstrip('?')}, you say? Ask the miller, not me."
         reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

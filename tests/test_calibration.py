@@ -120,3 +120,17 @@ def test_calibration_uses_the_http_teacher(ctx, teacher_server):
     assert len(cal.heldout) == config.n_heldout_queries
     for e in cal.train + cal.heldout:
         assert e.answers[0] == f"Aye, {e.query.rstrip('?')}. Mind the sparks."
+
+
+def test_accepted_candidates_are_ranked_by_their_persona_judge_margin(ctx, teacher_server):
+    character = ctx.characters[1]
+    config = tiny_config(teacher_url=teacher_server, teacher_model="two-voices", teacher_candidates=2)
+    cal = calibration.calibrate(character, ctx, config)
+    refs = [calibration.judge_prompt(r, config.user_name)
+            for r in calibration.references(character, ctx, config.judge_references)]
+    ranked = [e for e in cal.train + cal.heldout if len(e.answers) == 2]
+    assert len(ranked) >= 4 and {e.answers[0].startswith("Aye") for e in ranked} == {True, False}
+    for e in ranked:  # one judge call ranked them all: each query's answers must still be in its own order
+        ll = ctx.judge.loglik([cal.system] + refs, [(e.query, a) for a in e.answers])
+        margin = ll[:, 0] - ll[:, 1:].max(dim=1).values
+        assert margin[0] >= margin[1] - 1e-4

@@ -128,9 +128,11 @@ def test_persona_judge_loglik_matches_a_full_forward(dense):
     model, tok = dense
     pj = judge.PersonaJudge(model, tok, batch=2)
     other = "You are HALO-7, the cheerful station AI of the orbital research station Perihelion!"
-    pairs = [("Who are you?", "Ottilie. I mend what the marsh breaks."), ("Any work?", "Gather sedge by the mill.")]
+    # longest first, so batching by length reorders them: each result must still land in its own row
+    pairs = [("Any work?", "Gather sedge by the mill, and mind the eels: they bite, and the marsh takes the slow."),
+             ("Who are you?", "Ottilie."), ("Any work?", "Gather sedge by the mill.")]
     ll = pj.loglik([SYSTEM, other], pairs)
-    assert ll.shape == (2, 2)
+    assert ll.shape == (3, 2)
     for j, prompt in enumerate([SYSTEM, other]):
         for i, (q, a) in enumerate(pairs):
             prefix, seq = lm.chat_seq(tok, prompt, [("user", q), ("assistant", a)])

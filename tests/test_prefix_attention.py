@@ -114,3 +114,11 @@ def test_target_rows_pick_the_rows_before_each_target_in_order_and_pass_gradient
     picked.sum().backward()
     assert logits.grad.sum(-1).tolist() == [[3, 0, 3, 0], [0, 3, 0, 0]]
     assert lm.target_rows(logits, [lm.Seq([5], [False])]).shape == (0, 3)
+
+
+def test_by_length_batches_like_lengths_together_and_keeps_every_index_once():
+    lengths = [30, 5, 17, 5, 29, 11, 40]
+    chunks = lm.by_length(lengths, 3)
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert [[lengths[i] for i in c] for c in chunks] == [[5, 5, 11], [17, 29, 30], [40]]
