@@ -77,10 +77,11 @@ def run(args: argparse.Namespace) -> dict:
                                          field: value})
                 r = prune_character(ch, ctx, base, config, Path(tmp) / f"{ch.id}-{field}-{value}",
                                     lambda m: logging.info("%s %s=%s: %s", ch.id, field, value, m))
-                curve.append({"character": ch.id, "field": field, "value": value, "kl": r.metrics["kl"],
-                              "top1_agreement": r.metrics["top1_agreement"],
-                              "judge_accuracy_pruned": r.metrics["judge_accuracy_pruned"],
-                              "repetition_pruned": r.metrics["repetition_pruned"], "passed_gate": r.passed_gate,
+                curve.append({"character": ch.id, "keep": config.ffn_keep, "field": field, "value": value,
+                              **{k: r.metrics[k] for k in ("kl", "top1_agreement", "judge_accuracy_pruned",
+                                                           "judge_accuracy_dense", "repetition_pruned",
+                                                           "repetition_dense")},
+                              "passed_gate": r.passed_gate, "gate_reasons": r.gate_reasons,
                               "cpu_seconds": r.cpu_seconds})
                 logging.info("%s %s=%s: KL %.3f", ch.id, field, value, r.metrics["kl"])
                 if args.rows:
@@ -132,6 +133,20 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def print_tables(result: dict) -> None:
+    if result["rows"]:
+        print_method_tables(result)
+    if result["sweep"]:
+        print(f"\nSweep ({DEFAULT_METHOD})")
+        print("| character | keep | setting | KL | top1 | judge (dense) | rep (dense) | gate | CPU-s |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+        for c in result["sweep"]:
+            gate = "passed" if c["passed_gate"] else "fails: " + "; ".join(c["gate_reasons"])
+            print(f"| {c['character']} | {c['keep']:.2f} | {c['field']}={c['value']} | {c['kl']:.3f} | "
+                  f"{c['top1_agreement']:.3f} | {c['judge_accuracy_pruned']:.2f} ({c['judge_accuracy_dense']:.2f}) | "
+                  f"{c['repetition_pruned']:.3f} ({c['repetition_dense']:.3f}) | {gate} | {c['cpu_seconds']:.0f} |")
+
+
+def print_method_tables(result: dict) -> None:
     head = ["character", "keep", "method"] + [c[1] for c in COLUMNS]
     print("Per character (held-out queries; dense: KL 0, see the dense columns of --json)")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -159,13 +174,6 @@ def print_tables(result: dict) -> None:
                                for k, v in s[f"drop_reduction{label}"].items())
                 print(f"drop reduction of {DEFAULT_METHOD} vs strongest{label.replace('_', ' ')} baseline "
                       f"({s[f'strongest{label}_baseline']}): {dr}")
-    if result["sweep"]:
-        print(f"\nSweep ({DEFAULT_METHOD}, keep {result['rows'][0]['keep'] if result['rows'] else ''})")
-        print("| character | setting | KL | top1 | judge | rep | gate | CPU-s |\n|---|---|---|---|---|---|---|---|")
-        for c in result["sweep"]:
-            print(f"| {c['character']} | {c['field']}={c['value']} | {c['kl']:.3f} | {c['top1_agreement']:.3f} | "
-                  f"{c['judge_accuracy_pruned']:.2f} | {c['repetition_pruned']:.3f} | {c['passed_gate']} | "
-                  f"{c['cpu_seconds']:.0f} |")
 
 
 def main() -> None:
