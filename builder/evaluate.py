@@ -32,8 +32,7 @@ def teacher_forced(dense, pruned, seqset: lm.SeqSet, batch: int, pad_id: int) ->
     kv_p = lm.prefix_kv(pruned, seqset.prefix)
     kl = ce_d = ce_p = agree = 0.0
     n = 0
-    for idx in lm.by_length([len(s.ids) for s in seqset.seqs], batch):
-        chunk = [seqset.seqs[i] for i in idx]
+    for chunk in lm.seq_batches(seqset.seqs, batch):
         d = lm.target_forward(dense, kv_d, chunk, pad_id).float()
         p = lm.target_forward(pruned, kv_p, chunk, pad_id).float()
         y = lm.target_ids(chunk, d.device)

@@ -297,8 +297,7 @@ def channel_activations(model, seqset: SeqSet, batch: int, pad_id: int, fn: Call
     else:
         kv = prefix_kv(model, seqset.prefix)
     with hooks():
-        for idx in by_length([len(s.ids) for s in seqset.seqs], batch):
-            chunk = [seqset.seqs[i] for i in idx]
+        for chunk in seq_batches(seqset.seqs, batch):
             lengths[:] = [len(s.ids) for s in chunk]
             seen += sum(lengths)
             hidden_states(model, kv, [s.ids for s in chunk], pad_id)
@@ -311,6 +310,11 @@ def by_length(lengths: list[int], size: int) -> list[list[int]]:
     results are summed or put back by index; training batches stay shuffled."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def seq_batches(seqs: list[Seq], size: int) -> list[list[Seq]]:
+    """`seqs` in batches of like length (`by_length`)."""
+    return [[seqs[i] for i in idx] for idx in by_length([len(s.ids) for s in seqs], size)]
 
 
 def batches(items: list, size: int, rng: torch.Generator) -> Iterator[list]:

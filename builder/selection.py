@@ -33,10 +33,6 @@ class SelectionData:
     generic: lm.SeqSet  # plain generic text, for the baselines
 
 
-def _rows(seqset: lm.SeqSet, batch: int) -> list[list[lm.Seq]]:
-    return [[seqset.seqs[i] for i in idx] for idx in lm.by_length([len(s.ids) for s in seqset.seqs], batch)]
-
-
 def activation_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[torch.Tensor]:
     """Mean |act*up| per channel over the real tokens × the L2 norm of the channel's down_proj column."""
     mlps = lm.mlps(model)
@@ -68,7 +64,7 @@ def wanda_sp_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[to
 def taylor_score(model, seqset: lm.SeqSet, batch: int, pad_id: int) -> list[torch.Tensor]:
     ones = [torch.ones(m.down_proj.in_features, requires_grad=True, device=model.device) for m in lm.mlps(model)]
     with lm.channel_hook(model, lambda i, h: h * ones[i].to(h.dtype)):
-        for chunk in _rows(seqset, batch):
+        for chunk in lm.seq_batches(seqset.seqs, batch):
             loss = torch.nn.functional.cross_entropy(lm.target_forward(model, None, chunk, pad_id).float(),
                                                      lm.target_ids(chunk, model.device))
             loss.backward()

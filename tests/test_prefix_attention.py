@@ -122,3 +122,5 @@ def test_by_length_batches_like_lengths_together_and_keeps_every_index_once():
     assert [len(c) for c in chunks] == [3, 3, 1]
     assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
     assert [[lengths[i] for i in c] for c in chunks] == [[5, 5, 11], [17, 29, 30], [40]]
+    seqs = [lm.Seq([7] * n, [True] * n) for n in lengths]
+    assert [[len(s.ids) for s in b] for b in lm.seq_batches(seqs, 3)] == [[5, 5, 11], [17, 29, 30], [40]]
