@@ -50,7 +50,9 @@ class BuildConfig:
     teacher_max_repetition: float = 0.25  # candidates whose repeated 3-gram rate exceeds this are loops: rejected
     multi_turn_sequences: int = 64  # two-exchange chats recombined from the answers: new contexts, no sampling
     forward_batch: int = 8  # sequences per scoring/evaluation forward pass: larger only costs memory on CPU
-    generation_rows: int = 24  # sampled rows decoded together; one decode step costs little more at 24 rows than 1
+    # sampled rows decoded together: a decode step's small matrix products are overhead-bound, so 96 answers took
+    # 25.9 s at 24 rows, 20.0 at 48 and 16.5 at 96 (docs/quality.md); 48 keeps a batch's KV cache near 0.6 GB
+    generation_rows: int = 48
 
     # --- channel selection (builder.selection) ---
     mask_steps: int = 32  # straight-through top-k steps, ~5 CPU-s each at batch 4 (17 before builder 0.3.0)
@@ -74,7 +76,8 @@ class BuildConfig:
     # share of heal steps on the student's own sampled replies to training queries, scored by the teacher
     # (builder.heal): magda `fast`, repetition 0.129 -> 0.080 (dense 0.069) at equal KL, +~35 s of sampling
     heal_on_policy: float = 0.5
-    on_policy_refresh: int = 12  # heal steps between fresh pools of generation_rows replies: the student moves
+    on_policy_pool: int = 24  # replies per on-policy pool, sampled in one batch
+    on_policy_refresh: int = 12  # heal steps between fresh pools: the student moves
     heal_scope: str = "ffn"  # "ffn" keeps attention/embeddings bit-identical (shareable); "all" heals everything
     heal_data: str = "auto"  # "auto": persona data for persona methods, generic text for generic baselines
     n_generic_eval: int = 12  # generic paragraphs held back from calibration for the generic perplexity
@@ -92,7 +95,8 @@ class BuildConfig:
     gptq_damp: float = 0.01  # Hessian damping, relative to its mean diagonal (the GPTQ paper's 1 %)
     quant_block_size: int = 64  # MatMulNBits block: 64 decodes 1.3x faster than 32 on AVX-512 at equal top-1
     ffn_block_size: int | None = None  # the character's own FFN blocks (None = quant_block_size); see docs/artifact.md
-    min_top1_agreement: float = 0.9  # verification: ONNX vs torch, teacher-forced, fraction of probe tokens
+    # verification: mean KL(torch checkpoint ‖ ONNX) per probe token above which the artifact fails (builder.verify)
+    max_verify_kl: float = 0.05
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
     # The FFN's own compute (None = accuracy_level). 0 with an int4 FFN: MLAS packs int4 weights for int8 compute
     # with per-block sums beside them, +7 MB per loaded character at keep 0.75; fp32 compute skips them (32
@@ -182,7 +186,7 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"refit_folds: cross-validation needs at least 2 folds, got {c.refit_folds}")
     for name in ("n_train_queries", "n_heldout_queries", "teacher_candidates", "teacher_max_tokens",
                  "mask_batch", "heal_batch", "max_seq_len", "channel_multiple", "quant_block_size",
-                 "verify_prompts", "verify_tokens", "on_policy_refresh"):
+                 "verify_prompts", "verify_tokens", "on_policy_refresh", "on_policy_pool", "generation_rows"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(c, name)}")
     for name in ("mask_steps", "heal_steps", "n_card_questions", "threads"):

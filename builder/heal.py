@@ -8,7 +8,7 @@ Loss: KL(dense ‖ pruned) over the full vocabulary on target tokens.
 On-policy steps (`heal_on_policy`, a share of the steps): the teacher's answers show the student only contexts the
 teacher writes, while in the game it continues its own words, and its loops start there (exposure bias). So part
 of the steps train on the student's own sampled replies to the training queries, scored token by token by the
-teacher (as in GKD, Agarwal et al. 2024). Replies come in pools of `generation_rows`, sampled in one batch and
+teacher (as in GKD, Agarwal et al. 2024). Replies come in pools of `on_policy_pool`, sampled in one batch and
 refreshed every `on_policy_refresh` steps as the student moves: on magda (`fast`) repetition fell from 0.129 to
 0.080 (dense 0.069) at the same KL, for 34-38 s of sampling (docs/quality.md).
 
@@ -43,12 +43,12 @@ def trainable(model, scope: str) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def reply_source(tok, system: str, queries: list[str], config: BuildConfig) -> Callable[[Any], list[lm.Seq]]:
-    """A seeded source of on-policy pools: `generation_rows` of the training queries, the given model's sampled
+    """A seeded source of on-policy pools: `on_policy_pool` of the training queries, the given model's sampled
     reply to each (the teacher's sampling settings), as sequences whose reply tokens are the targets."""
     gen = torch.Generator().manual_seed(config.seed + 5)
 
     def pool(model) -> list[lm.Seq]:
-        picks = [queries[int(i)] for i in torch.randperm(len(queries), generator=gen)[:config.generation_rows]]
+        picks = [queries[int(i)] for i in torch.randperm(len(queries), generator=gen)[:config.on_policy_pool]]
         texts = lm.sample_replies(model, tok, system, picks, config.teacher_max_tokens, config.teacher_temperature,
                                   config.teacher_top_p, config.generation_rows, gen)
         return [lm.chat_seq(tok, system, [("user", q), ("assistant", t)])[1] for q, t in zip(picks, texts) if t]

@@ -141,6 +141,7 @@ def character_section(data: dict[str, Any], level: int = 1) -> str:
              "<h3>Speed and export fidelity</h3>",
              _table([["prefill (probe prompt), ms", sp["prefill_ms"]],
                      ["decode, tokens/s", sp["decode_tokens_per_s"]],
+                     ["ONNX vs torch: KL per probe token, nats (what verification checks)", v.get("kl", "")],
                      ["ONNX vs torch: teacher-forced top-1 agreement", v["top1_agreement"]],
                      ["ONNX vs torch: greedy agreement", v["greedy_agreement"]],
                      ["ONNX vs torch: max |logit diff|", v["max_abs_logit_diff"]],
@@ -195,11 +196,11 @@ def write_roster_report(dist: Path, ids: list[str], failures: dict[str, str]) ->
         s = data["size"]
         rows.append([data["name"], cid, data["precision"], s["artifact_bytes"],
                      round(s["artifact_bytes"] / s["dense_artifact_bytes"], 3), data["speed"]["decode_tokens_per_s"],
-                     data["verification"]["top1_agreement"], "passed" if data["quality"].get("passed_gate") else "failed"])
+                     data["verification"].get("kl", ""), "passed" if data["quality"].get("passed_gate") else "failed"])
         sections.append(f'<section id="{html.escape(cid)}">{character_section(data, level=2)}</section>')
     body = ["<h1>npcforge build report</h1>",
             _table(rows, ["character", "id", "precision", "bytes", "size vs dense", "decode tok/s",
-                          "ONNX top-1 vs torch", "quality gate"])]
+                          "ONNX KL to torch", "quality gate"])]
     if failures:
         body += ["<h2>Failed</h2>", _table([[k, v] for k, v in sorted(failures.items())], ["id", "reason"])]
     out = dist / "report.html"

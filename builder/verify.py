@@ -3,8 +3,13 @@
 Input: the checkpoint folder, the exported `model.onnx`, and probe prompts (chat-formatted text). For each prompt
 torch decodes `config.verify_tokens` greedy tokens; ONNX Runtime then runs the same sequence through its KV-cache
 path (prefill, then one token at a time, teacher-forced) and, separately, decodes greedily on its own.
-Output: a `Verification` record (max |logit diff|, teacher-forced top-1 agreement, greedy agreement) that goes into
-the manifest; `passed` is false below `config.min_top1_agreement`.
+Output: a `Verification` record (KL(torch ‖ ONNX) per probe token, max |logit diff|, teacher-forced top-1
+agreement, greedy agreement) that goes into the manifest; `passed` is false above `config.max_verify_kl`.
+
+Why KL decides and top-1 does not: a pruned 135M model often has two nearly equally likely next tokens, and int8
+rounding picks the other one of a near tie. Top-1 over 64 probe tokens moved between 56 and 64 for default builds
+whose KL stayed small (docs/artifact.md), so it failed good artifacts at random; KL weighs each difference by how
+much probability moved, and a wrong graph or a precision too narrow for the model moves a lot.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Verification:
+    kl: float  # mean KL(torch ‖ ONNX) over the probe tokens, teacher-forced, nats: what passes or fails
     max_abs_logit_diff: float
     top1_agreement: float  # teacher-forced: ONNX argmax == torch's greedy token, over all probe tokens
     greedy_agreement: float  # ONNX's own greedy decode: share of tokens before it first leaves torch's
@@ -83,6 +89,18 @@ def _torch_greedy(model: Any, prompt: list[int], n: int) -> tuple[list[int], np.
     return tokens, np.stack(rows)
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> float:
+    """KL(softmax(reference) ‖ softmax(other)) of two logit vectors, nats."""
+    lr, lo = _log_softmax(reference), _log_softmax(other)
+    return float((np.exp(lr) * (lr - lo)).sum())
+
+
 def verify_export(checkpoint: Path, model_file: Path, prompts: list[str], config: BuildConfig) -> Verification:
     import torch
 
@@ -93,7 +111,7 @@ def verify_export(checkpoint: Path, model_file: Path, prompts: list[str], config
     model, tokenizer = load_model(Path(checkpoint), torch.float32)
     decoder = OnnxDecoder(model_file, threads=config.threads or 1)
     n = config.verify_tokens
-    max_diff, agree, greedy_agree, total = 0.0, 0, 0, 0
+    max_diff, kl, agree, greedy_agree, total = 0.0, 0.0, 0, 0, 0
     prefill_s: list[float] = []
     decode_s = 0.0
     for text in prompts:
@@ -109,6 +127,7 @@ def verify_export(checkpoint: Path, model_file: Path, prompts: list[str], config
             else:
                 prefill_s.append(time.perf_counter() - t0)
             max_diff = max(max_diff, float(np.abs(logits - ref_logits[j]).max()))
+            kl += kl_divergence(ref_logits[j], logits)
             agree += int(np.argmax(logits)) == token
             feed = [token]
         decoder.reset()
@@ -119,15 +138,16 @@ def verify_export(checkpoint: Path, model_file: Path, prompts: list[str], config
             greedy_agree += 1
             logits = decoder.step([token])
         total += len(ref_tokens)
-    top1 = agree / total
-    passed = top1 >= config.min_top1_agreement
+    top1, kl = agree / total, kl / total
+    passed = kl <= config.max_verify_kl
     wider = {"int4": "int8", "int8": "fp32"}.get(config.precision, "fp32; the export itself is wrong: report it")
     ffn = config.ffn_precision or config.precision
     advice = f"--ffn-precision {config.precision}" if ffn != config.precision else f"--precision {wider}"
-    reason = "" if passed else (f"ONNX ({config.precision}, FFN {ffn}) agrees with torch on {agree}/{total} "
-                                f"teacher-forced tokens ({top1:.2f} < min_top1_agreement "
-                                f"{config.min_top1_agreement}); use a wider precision ({advice})")
-    result = Verification(round(max_diff, 6), round(top1, 4), round(greedy_agree / total, 4), total, passed, reason,
+    reason = "" if passed else (f"ONNX ({config.precision}, FFN {ffn}) differs from torch by KL {kl:.4f} nats per "
+                                f"probe token (> max_verify_kl {config.max_verify_kl}; top-1 agreement "
+                                f"{agree}/{total}); use a wider precision ({advice})")
+    result = Verification(round(kl, 6), round(max_diff, 6), round(top1, 4), round(greedy_agree / total, 4), total,
+                          passed, reason,
                           round(float(np.median(prefill_s)) * 1e3, 2),
                           round((total - len(prompts)) / decode_s, 1) if decode_s else 0.0)
     log.info("verification: %s", result)

@@ -104,7 +104,8 @@ def inspect(artifact: Path, as_json: bool) -> None:
                 ("model", f"{precision_label(m)}, {m['num_layers']} layers, {m['num_attention_heads']}/"
                           f"{m['num_kv_heads']} heads x {m['head_dim']}, FFN {m['intermediate_size']}/"
                           f"{m['base_intermediate_size']}, vocab {m['vocab_size']}, context {m['max_context']}"),
-                ("verification", f"top-1 {v['top1_agreement']:.3f}, greedy {v['greedy_agreement']:.3f}, "
+                ("verification", f"KL {v.get('kl', float('nan')):.4f}, top-1 {v['top1_agreement']:.3f}, "
+                                 f"greedy {v['greedy_agreement']:.3f}, "
                                  f"max |logit diff| {v['max_abs_logit_diff']:.4g} over {v['probe_tokens']} tokens"),
                 ("quality gate", "passed" if q.get("passed_gate") else
                  "FAILED: " + "; ".join(q.get("gate_reasons", []))),

@@ -21,7 +21,7 @@ from tests.tinymodel import ROOT
 
 # The tiny random model's logits are nearly flat, so int8 may flip a few top-1 tokens; verification is tested in
 # test_artifact.py, here it must not decide which characters build.
-DENSE = {"ffn_keep": 1.0, "min_top1_agreement": 0.5}
+DENSE = {"ffn_keep": 1.0}
 CLI_DENSE = ("--preset", "fast", "--ffn-keep", "1.0", "--precision", "fp32")
 
 
@@ -147,7 +147,7 @@ def test_jobs_build_in_parallel_processes(small_roster: Path, tmp_path: Path, ti
 def test_pruned_build_runs_the_pruning_pipeline(roster_dir: Path, tmp_path: Path, tiny_base: Path) -> None:
     out = tmp_path / "dist"
     messages: list[tuple[str, str]] = []
-    summary = build_roster(roster_dir, out, "fast", {**TINY, "ffn_keep": 0.5, "min_top1_agreement": 0.5},
+    summary = build_roster(roster_dir, out, "fast", {**TINY, "ffn_keep": 0.5},
                            only=["magda"], base_model=tiny_base, progress=lambda cid, msg: messages.append((cid, msg)))
     outcome = summary.outcomes[0]
     assert outcome.status in ("built", "failed") and (out / "magda" / "manifest.json").is_file()
@@ -163,14 +163,14 @@ def test_pruned_build_runs_the_pruning_pipeline(roster_dir: Path, tmp_path: Path
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".cache"]
     assert list((out / ".cache" / "calibration").glob("*.json"))
     other = tmp_path / "nocache"
-    build_roster(roster_dir, other, "fast", {**TINY, "ffn_keep": 0.5, "min_top1_agreement": 0.5}, only=["magda"],
+    build_roster(roster_dir, other, "fast", {**TINY, "ffn_keep": 0.5}, only=["magda"],
                  base_model=tiny_base, cache=False)
     assert (other / "magda" / "manifest.json").is_file() and not [p for p in other.iterdir() if p.name[0] == "."]
 
 
 def test_inspect_reports_and_detects_tampering(small_roster: Path, tmp_path: Path, tiny_base: Path) -> None:
     out = tmp_path / "dist"
-    build_roster(small_roster, out, "fast", {**DENSE, "ffn_precision": "int4", "min_top1_agreement": 0.0},
+    build_roster(small_roster, out, "fast", {**DENSE, "ffn_precision": "int4"},
                  only=["magda"], base_model=tiny_base)
     assert read_manifest(out / "magda")["model"]["ffn_precision"] == "int4"
     r = _cli("inspect", out / "magda")

@@ -216,7 +216,7 @@ def test_real_base_model_default_export_is_faithful(tmp_path: Path, roster_dir: 
     result = export_onnx(base.path, tmp_path, config)
     prompts = probe_prompts(load_character(roster_dir / "magda.yaml"), chat_template(base.path), config)
     verification = verify_export(base.path, result.model_file, prompts, config)
-    assert verification.passed and verification.top1_agreement >= 0.9, verification
+    assert verification.passed and verification.kl < 0.02 and verification.top1_agreement >= 0.9, verification
     assert result.data_file.stat().st_size < 0.3 * (base.path / "model.safetensors").stat().st_size
 
 
@@ -269,3 +269,15 @@ def test_ffn_accuracy_level_and_block_size_set_only_the_ffn_nodes(tiny_base: Pat
         BuildConfig(ffn_accuracy_level=5)
     with pytest.raises(ConfigError, match="ffn_block_size"):
         BuildConfig(ffn_block_size=48)
+
+
+def test_verification_kl_weighs_how_far_probability_moved() -> None:
+    from builder.verify import kl_divergence
+
+    x = np.array([2.0, 1.0, -1.0, 0.5], np.float32)
+    assert kl_divergence(x, x) == 0.0 and kl_divergence(x, x + 3.0) < 1e-12  # a constant shift is the same softmax
+    near_tie, swapped = np.array([1.0, 0.99, -5.0]), np.array([0.99, 1.0, -5.0])  # top-1 flips, barely
+    p = np.exp(near_tie) / np.exp(near_tie).sum()
+    q = np.exp(swapped) / np.exp(swapped).sum()
+    assert abs(kl_divergence(near_tie, swapped) - float((p * np.log(p / q)).sum())) < 1e-12
+    assert kl_divergence(near_tie, swapped) < 1e-4 < kl_divergence(near_tie, np.array([-5.0, 1.0, 0.99]))

@@ -48,7 +48,7 @@ def pruned_dist(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, roste
                    "method": "persona-pruner", "stage_cpu_seconds": {"calibration": 30.0, "heal": 10.0}}
         samples = [{"query": "Who are you?", "dense": f"I am {ch.name} <b>", "pruned": "I am\x00 <script>x"}]
         prune = PruneResult(ckpt, kept, metrics, seed == 0, [] if seed == 0 else ["KL too high"], samples, 1.0)
-        write_artifact(ckpt, ch, dist / ch.id, resolve_config("fast", {"min_top1_agreement": 0.5}), base, prune)
+        write_artifact(ckpt, ch, dist / ch.id, resolve_config("fast"), base, prune)
     return dist
 
 
