@@ -22,8 +22,8 @@ class ConfigError(ValueError):
 class BuildConfig:
     # --- what to build ---
     method: str = "persona-pruner"  # the paper's learned mask; baselines exist for the benchmark
-    ffn_keep: float = 0.75  # fraction of FFN channels kept: at 0.75 the default preset puts every sample
-    # character built under max_kl (KL 0.21-0.23, builder 0.3.1) and 5 of 6 through the whole gate; 0.5 fails
+    ffn_keep: float = 0.75  # fraction of FFN channels kept: at 0.75 the default preset puts all 8 sample
+    # characters under max_kl (KL 0.21-0.25, builder 0.3.x) and 4 of 8 through the whole gate; 0.5 fails
     # (KL 0.764, fast preset)
     channel_multiple: int = 16  # k is rounded to this so int4/int8 blocks and SIMD widths stay aligned
     seed: int = 0  # every random choice derives from it: builds are reproducible
