@@ -4,7 +4,8 @@ Metrics (dense vs pruned):
 (a) teacher-forced KL(dense ‖ pruned) per token and cross-entropy on the dense model's in-character answers to the
     held-out queries (the primary metric), plus top-1 agreement;
 (b) persona judge on freshly sampled answers: the dense model's log-likelihood of each answer under every roster
-    character's system prompt; identified when its own persona ranks first (accuracy, mean margin);
+    character's system prompt; identified when its own persona ranks first (accuracy with its binomial standard
+    error, mean margin): at 40 answers one accuracy moves by ≈ 6 points with the samples drawn;
 (c) degeneration of those answers: distinct-2, repeated 3-gram rate, prompt-echo rate;
 (d) perplexity on the card's own example dialogues (no system prompt, so nothing can be copied) and on held-back
     generic paragraphs;
@@ -83,6 +84,8 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
             side = cache[key]
         for k, value in side.items():
             m[f"{k}_{name}"] = value
+        p = m[f"judge_accuracy_{name}"]
+        m[f"judge_accuracy_se_{name}"] = math.sqrt(p * (1 - p) / max(len(queries), 1))
     for label, seqset in (("examples", examples), ("generic", generic)):
         if seqset.seqs:
             tf = teacher_forced(dense, pruned, seqset, batch, pad)
@@ -104,8 +107,12 @@ def gate(m: dict, config: BuildConfig) -> tuple[bool, list[str]]:
             reasons.append(f"{key} {m[f'{key}_pruned']:.3f} > dense {m[f'{key}_dense']:.3f} + "
                            f"max_degeneration_increase {config.max_degeneration_increase}")
     if m["judge_accuracy_pruned"] < m["judge_accuracy_dense"] - config.max_judge_drop:
+        noise = ""
+        if "judge_accuracy_se_pruned" in m and "judge_accuracy_se_dense" in m:  # say how sure one sample is
+            se = math.hypot(m["judge_accuracy_se_pruned"], m["judge_accuracy_se_dense"])
+            noise = f" (standard error of the difference {se:.2f} at {m.get('heldout_queries', '?')} answers each)"
         reasons.append(f"judge accuracy {m['judge_accuracy_pruned']:.2f} < dense {m['judge_accuracy_dense']:.2f} "
-                       f"- max_judge_drop {config.max_judge_drop}")
+                       f"- max_judge_drop {config.max_judge_drop}{noise}")
     return not reasons, reasons
 
 

@@ -111,6 +111,11 @@ def test_echoing_and_looping_models_fail_the_gate(dense):
     passed, reasons = gate({**base, "kl": 9.0, "judge_accuracy_pruned": 0.5, "repetition_pruned": 0.0,
                             "echo_rate_pruned": 0.0}, config)
     assert not passed and len(reasons) == 2
+    # with the judge's standard errors (evaluate adds them) the reason says how sure one sample of answers is
+    passed, reasons = gate({**base, "judge_accuracy_pruned": 0.6, "repetition_pruned": 0.0, "echo_rate_pruned": 0.0,
+                            "judge_accuracy_se_dense": 0.06, "judge_accuracy_se_pruned": 0.08, "heldout_queries": 40},
+                           config)
+    assert not passed and reasons[0].endswith("(standard error of the difference 0.10 at 40 answers each)")
 
 
 def test_judge_identification_and_drop_reduction():
