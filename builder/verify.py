@@ -89,22 +89,11 @@ def _torch_greedy(model: Any, prompt: list[int], n: int) -> tuple[list[int], np.
     return tokens, np.stack(rows)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
-
-
-def kl_divergence(reference: np.ndarray, other: np.ndarray) -> float:
-    """KL(softmax(reference) ‖ softmax(other)) of two logit vectors, nats."""
-    lr, lo = _log_softmax(reference), _log_softmax(other)
-    return float((np.exp(lr) * (lr - lo)).sum())
-
-
 def verify_export(checkpoint: Path, model_file: Path, prompts: list[str], config: BuildConfig) -> Verification:
     import torch
 
     from builder.basemodel import load_model
+    from builder.lm import kl_per_token
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -127,7 +116,7 @@ def verify_export(checkpoint: Path, model_file: Path, prompts: list[str], config
             else:
                 prefill_s.append(time.perf_counter() - t0)
             max_diff = max(max_diff, float(np.abs(logits - ref_logits[j]).max()))
-            kl += kl_divergence(ref_logits[j], logits)
+            kl += float(kl_per_token(torch.from_numpy(ref_logits[j][None]), torch.from_numpy(logits[None]))[0])
             agree += int(np.argmax(logits)) == token
             feed = [token]
         decoder.reset()

@@ -180,7 +180,8 @@ def test_on_policy_steps_train_on_the_students_own_replies(models):
     assert [sum(on_policy_step(i, share) for i in range(24)) for share in (0.0, 0.25, 0.5, 1.0)] == [0, 6, 12, 24]
 
     def run(**overrides):
-        config = tiny_config(heal_batch=2, heal_lr=3e-3, on_policy_pool=3, generation_rows=2, teacher_max_tokens=8, **overrides)
+        config = tiny_config(heal_batch=2, heal_lr=3e-3, on_policy_pool=3, generation_rows=2, teacher_max_tokens=8,
+                             **overrides)
         source, pools = reply_source(tok, SYSTEM, queries, config), []
 
         def replies(model):
