@@ -289,15 +289,21 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                                     True)], epsilon=eps, axis=-1, stash_type=1)[0]
         for i in range(L):
             p = f"model.layers.{i}"
-            qkv_w = np.concatenate([get(f"{p}.self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
+            # 1/√head_dim goes into the q rows (rotary is linear, so it commutes) and the attention's own scale is
+            # 1: GroupQueryAttention's Q·Kᵀ is one GEMM per head, and MLAS takes its one-row path, which reads K in
+            # place instead of packing it (a copy as long as the context), only for a factor of 1. A power of two
+            # for head_dim 64: the quantised codes and the scores come out the same (docs/artifact.md).
+            q_scale = [np.float32(hd ** -0.5), np.float32(1.0), np.float32(1.0)]
+            qkv_w = np.concatenate([get(f"{p}.self_attn.{n}_proj.weight") * s for n, s in zip("qkv", q_scale)], axis=0)
             biases = [w.get(f"{p}.self_attn.{n}_proj.bias") for n in "qkv"]
-            qkv_b = np.concatenate(biases) if all(b is not None for b in biases) else None
+            qkv_b = np.concatenate([b * s for b, s in zip(biases, q_scale)]) \
+                if all(b is not None for b in biases) else None
             qkv = linear(h, f"{p}.self_attn.qkv_proj", qkv_w, qkv_b, True)
             attn, present_k, present_v = g.node(
                 "GroupQueryAttention",
                 [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total_len,
                  cos_name, sin_name], n_out=3, domain="com.microsoft", num_heads=nh, kv_num_heads=kvh,
-                do_rotary=1, rotary_interleaved=0, scale=float(hd) ** -0.5, local_window_size=int(window or -1))
+                do_rotary=1, rotary_interleaved=0, scale=1.0, local_window_size=int(window or -1))
             g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
             o = linear(attn, f"{p}.self_attn.o_proj", get(f"{p}.self_attn.o_proj.weight"),
                        w.get(f"{p}.self_attn.o_proj.bias"), True)

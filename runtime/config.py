@@ -17,8 +17,8 @@ def _cores() -> int:
 class RuntimeConfig:
     # --- threads ---
     # Intra-op threads of one model call; 0 = all cores. Measured (bench/runtime.py, 2 cores): one thread per call
-    # and one worker per core give 1.4x the total tok/s of 2-thread calls from 4 conversations on (125 vs 89 at 16);
-    # one conversation alone decodes faster with 2 threads (87 vs 69): a game talks to several NPCs.
+    # and one worker per core give 1.3-1.4x the total tok/s of 2-thread calls from 4 conversations on (143 vs 100
+    # at 16); one conversation alone decodes faster with 2 threads (110 vs 71): a game talks to several NPCs.
     threads: int = 1
     # One process-wide ORT thread pool for every runtime session (FACTS 4) instead of one small pool per session.
     # The first pool of the process fixes its size for all later ones, so it is for processes that hold one pool

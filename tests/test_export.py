@@ -60,6 +60,12 @@ def test_fp32_matches_torch_prompt_decode_and_followup(tiny_base: Path, tmp_path
     result = export_onnx(tiny_base, tmp_path, BuildConfig(precision="fp32"))
     diff, agree = _compare_three_modes(tiny_base, result.model_file)
     assert diff < 1e-4 and agree == 1.0
+    # the 1/sqrt(head_dim) lives in the q rows (the comparison above checks it), so that the attention's scale is
+    # 1, the condition of MLAS's one-row Q.K^T path (docs/artifact.md)
+    import onnx
+    scales = [a.f for n in onnx.load(str(result.model_file), load_external_data=False).graph.node
+              if n.op_type == "GroupQueryAttention" for a in n.attribute if a.name == "scale"]
+    assert scales and set(scales) == {1.0}
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 from runtime.config import RuntimeConfig
 from runtime.conversation import ChatTemplate, Message, fit_history, persona_ids, prompt_ids
 from runtime.errors import ContextOverflow
-from runtime.sampling import resolve_params, sample
+from runtime.sampling import resolve_params, sample, top_k_desc
 from runtime.text import Detokenizer, StopMatcher
 
 TEMPLATE = {"system": "<|im_start|>system\n{content}<|im_end|>\n", "user": "<|im_start|>user\n{content}<|im_end|>\n",
@@ -76,6 +76,48 @@ def test_sampling_greedy_topk_topp_seed():
     rng = np.random.default_rng(5)
     seq2 = [sample(logits, np.array([], np.int64), wide, rng) for _ in range(30)]
     assert seq1 == seq2 and len(set(seq1)) > 1 and len(set(a)) == 1
+
+
+@pytest.mark.parametrize("n,k", [(49152, 40), (49152, 500), (1000, 7), (300, 3), (129, 2), (5, 9)])
+def test_top_k_desc_is_exact(n, k):
+    rng = np.random.default_rng(n + k)
+    for case in range(6):
+        x = rng.standard_normal(n).astype(np.float32)
+        if case == 1:  # every large value in one block: the threshold must fall back to lower block maxima
+            x[:128] += 50.0
+        if case == 2:  # coarse values: many ties, broken by id
+            x = np.round(x * 2).astype(np.float32)
+        if case == 3:  # the largest values in the short last block
+            x[-(n % 128 or 1):] += 50.0
+        want = np.lexsort((np.arange(n), -x))[:min(k, n)]  # by value descending, then by id
+        assert top_k_desc(x, k).tolist() == want.tolist()
+
+
+def _reference_sample(logits, params, rng):
+    """Sampling as written before the top-k threshold: full argpartition, full sort without top-k."""
+    x = logits / params.temperature
+    idx = np.argpartition(x, -params.top_k)[-params.top_k:] if 0 < params.top_k < x.size else np.arange(x.size)
+    cand = x[idx]
+    order = np.argsort(-cand, kind="stable")
+    idx, cand = idx[order], cand[order]
+    p = np.exp(cand - cand[0])
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), params.top_p)) + 1
+    idx, p = idx[:keep], p[:keep] / p[:keep].sum()
+    cdf = np.cumsum(p)
+    return int(idx[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), idx.size - 1)])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(40, 0.9), (40, 1.0), (0, 0.9), (0, 0.3), (3, 0.5)])
+def test_sampling_matches_the_plain_algorithm(top_k, top_p):
+    """Same token as the straightforward full-vocabulary version for the same random draw (no ties)."""
+    cfg = RuntimeConfig()
+    params = resolve_params(cfg, temperature=0.8, top_k=top_k, top_p=top_p, repetition_penalty=1.0)
+    rng = np.random.default_rng(top_k)
+    for i in range(40):
+        logits = (rng.standard_normal(5000) * (1 + i % 4)).astype(np.float32)
+        assert sample(logits, np.array([], np.int64), params, np.random.default_rng(i)) == \
+            _reference_sample(logits, params, np.random.default_rng(i))
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
