@@ -140,9 +140,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.486/0.452 (aldric, then magda to check), with repetition and judge accuracy back at dense's level; 4x the
     # heal steps alone gave 0.519: data matters more than steps. 96 of a pool of 160 instead of 64 (session 6, same
     # held-out queries): KL -19/-7/-7 %, judge +5 to +7.5 points on aldric, magda, rosie (docs/quality.md).
+    # heal_lr 6e-5 (session 9): its 24 steps of 2 sequences are noisy; KL -0.015/-0.004/-0.016 and repetition
+    # -0.05/-0.06/-0.05 on aldric (chosen there), magda, rosie. At `default` (64 steps of 4) 6e-5 gained nothing.
     "fast": dict(query_pool=160, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
                  n_train_queries=96, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
-                 teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2,
+                 teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2, heal_lr=6e-5,
                  n_generic_calibration=8, max_seq_len=192),
     "default": {},
     # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups)
