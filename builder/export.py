@@ -293,11 +293,11 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
             # 1: GroupQueryAttention's Q·Kᵀ is one GEMM per head, and MLAS takes its one-row path, which reads K in
             # place instead of packing it (a copy as long as the context), only for a factor of 1. A power of two
             # for head_dim 64: the quantised codes and the scores come out the same (docs/artifact.md).
-            q_scale = [np.float32(hd ** -0.5), np.float32(1.0), np.float32(1.0)]
-            qkv_w = np.concatenate([get(f"{p}.self_attn.{n}_proj.weight") * s for n, s in zip("qkv", q_scale)], axis=0)
-            biases = [w.get(f"{p}.self_attn.{n}_proj.bias") for n in "qkv"]
-            qkv_b = np.concatenate([b * s for b, s in zip(biases, q_scale)]) \
-                if all(b is not None for b in biases) else None
+            q_scale = np.float32(hd ** -0.5)
+            qkv_w = np.concatenate([get(f"{p}.self_attn.q_proj.weight") * q_scale,
+                                    get(f"{p}.self_attn.k_proj.weight"), get(f"{p}.self_attn.v_proj.weight")], axis=0)
+            q_b, k_b, v_b = (w.get(f"{p}.self_attn.{n}_proj.bias") for n in "qkv")
+            qkv_b = np.concatenate([q_b * q_scale, k_b, v_b]) if all(b is not None for b in (q_b, k_b, v_b)) else None
             qkv = linear(h, f"{p}.self_attn.qkv_proj", qkv_w, qkv_b, True)
             attn, present_k, present_v = g.node(
                 "GroupQueryAttention",
