@@ -60,6 +60,11 @@ class BuildConfig:
     # First-order swap estimates undercount the cost of removing a kept channel: large steps reshuffle the mask
     # into noise (tests/test_selection.py), so the scores move a few hundredths per step at most.
     mask_batch: int = 4
+    # training sequences held aside from the mask's batches; the checkpoint whose hard mask has the lowest KL on
+    # them wins (builder.selection: the straight-through mask drifts after a few dozen steps). 16 of ~160
+    # sequences at `default`; 0 keeps the last step's mask
+    mask_probe: int = 16
+    mask_eval_every: int = 8  # steps between probe checks; each costs ~2 training steps at the default probe
     n_generic_calibration: int = 64  # generic text sequences for the baselines' scores
 
     # --- healing (builder.refit, then builder.heal) ---
@@ -147,9 +152,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2, heal_lr=6e-5,
                  n_generic_calibration=8, max_seq_len=192),
     "default": {},
-    # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups)
+    # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups).
+    # 64 mask steps, not 120: the mask's probe KL is lowest near step 40 and drifts from ~50 on (docs/quality.md)
     "best": dict(n_train_queries=192, teacher_candidates=3, n_card_questions=24, multi_turn_sequences=192,
-                 mask_steps=120, heal_steps=300),
+                 mask_steps=64, heal_steps=300),
 }
 
 
@@ -188,10 +194,11 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"refit_folds: cross-validation needs at least 2 folds, got {c.refit_folds}")
     for name in ("n_train_queries", "n_heldout_queries", "teacher_candidates", "teacher_max_tokens",
                  "mask_batch", "heal_batch", "max_seq_len", "channel_multiple", "quant_block_size",
-                 "verify_prompts", "verify_tokens", "on_policy_refresh", "on_policy_pool", "generation_rows"):
+                 "verify_prompts", "verify_tokens", "on_policy_refresh", "on_policy_pool", "generation_rows",
+                 "mask_eval_every"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(c, name)}")
-    for name in ("mask_steps", "heal_steps", "n_card_questions", "threads"):
+    for name in ("mask_steps", "heal_steps", "n_card_questions", "threads", "mask_probe"):
         if getattr(c, name) < 0:
             raise ConfigError(f"{name}: must not be negative, got {getattr(c, name)}")
 

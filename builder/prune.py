@@ -179,7 +179,8 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     k = round_channels(n_channels, config.ffn_keep, config.channel_multiple)
 
     say(f"selection: {config.method}, keeping {k} of {n_channels} FFN channels per layer")
-    kept = select_channels(config.method, ctx.model, SelectionData(persona, generic), k, config, pad)
+    kept, selection_stats = select_channels(config.method, ctx.model, SelectionData(persona, generic), k, config,
+                                            pad)
 
     student, _ = load_model(base, torch.float32)
     student.to(ctx.model.device)
@@ -226,7 +227,8 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
                     "base_intermediate_size": n_channels, "heal_data": heal_data,
                     "params_dense": sum(p.numel() for p in ctx.model.parameters()),
                     "params_pruned": sum(p.numel() for p in student.parameters()),
-                    "calibration": cal.stats, "refit": refit_stats, "heal": heal_stats, "cpu_seconds": cpu,
+                    "calibration": cal.stats, "selection": selection_stats, "refit": refit_stats, "heal": heal_stats,
+                    "cpu_seconds": cpu,
                     "stage_cpu_seconds": say.finish()})
     if not passed:
         log.warning("%s failed the quality gate: %s", character.id, "; ".join(reasons))
