@@ -116,6 +116,14 @@ def test_echoing_and_looping_models_fail_the_gate(dense):
                             "judge_accuracy_se_dense": 0.06, "judge_accuracy_se_pruned": 0.08, "heldout_queries": 40},
                            config)
     assert not passed and reasons[0].endswith("(standard error of the difference 0.10 at 40 answers each)")
+    # a drop of exactly max_judge_drop passes, one answer more fails: accuracies as the judge counts them
+    for dense, pruned in ((34, 30), (32, 28), (36, 32)):
+        accuracy = [judge.identification(torch.tensor([[0.0, -1.0]] * n + [[-1.0, 0.0]] * (40 - n)))["judge_accuracy"]
+                    for n in (dense, pruned, pruned - 1)]
+        assert accuracy[0] == dense / 40
+        row = {**base, "repetition_pruned": 0.0, "echo_rate_pruned": 0.0, "judge_accuracy_dense": accuracy[0]}
+        assert gate({**row, "judge_accuracy_pruned": accuracy[1]}, config) == (True, [])
+        assert not gate({**row, "judge_accuracy_pruned": accuracy[2]}, config)[0]
 
 
 def test_judge_identification_and_drop_reduction():
