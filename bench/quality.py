@@ -46,6 +46,13 @@ DROP_METRICS = {"kl": lambda r: 0.0, "ce_pruned": lambda r: r["ce_dense"],
                 "ppl_generic_pruned": lambda r: r["ppl_generic_dense"]}
 
 
+def _append(path: str, row: dict) -> None:
+    """Each finished row (method or sweep) at once: a long run that is stopped keeps its results."""
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+
 def run(args: argparse.Namespace) -> dict:
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides["threads"] = args.threads
@@ -68,9 +75,7 @@ def run(args: argparse.Namespace) -> dict:
                                  "wall_seconds": time.time() - start, "samples": r.samples})
                     logging.info("%s keep %.2f %s: KL %.3f gate %s", ch.id, keep, method, r.metrics["kl"],
                                  r.passed_gate)
-                    if args.rows:  # each finished row at once: a long run that is stopped keeps its results
-                        with open(args.rows, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(rows[-1], default=str) + "\n")
+                    _append(args.rows, rows[-1])
             for field, value in _sweep(args.sweep):
                 config = resolve_config(args.preset, ch.build, overrides,
                                         {"method": DEFAULT_METHOD, "ffn_keep": float(args.keep.split(",")[0]),
@@ -84,9 +89,7 @@ def run(args: argparse.Namespace) -> dict:
                               "passed_gate": r.passed_gate, "gate_reasons": r.gate_reasons,
                               "cpu_seconds": r.cpu_seconds})
                 logging.info("%s %s=%s: KL %.3f", ch.id, field, value, r.metrics["kl"])
-                if args.rows:
-                    with open(args.rows, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"sweep": True, **curve[-1]}) + "\n")
+                _append(args.rows, {"sweep": True, **curve[-1]})
     return {"preset": args.preset, "overrides": overrides, "characters": [c.id for c in chosen], "rows": rows,
             "summary": summarise(rows), "sweep": curve, "roster_context_cpu_seconds": ctx.cpu_seconds}
 

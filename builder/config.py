@@ -119,7 +119,9 @@ class BuildConfig:
     # --- machine ---
     threads: int = 0  # torch threads; 0 = all cores
     device: str = "cpu"  # torch device of selection, healing and evaluation: "cuda" on a build server with a GPU
-    dtype: str = "bf16"  # training precision on CPU (FACTS 4c: 1.65x faster than fp32)
+    # training precision: "auto" is bf16 where it is native (CUDA, CPUs with AVX512-BF16 or AMX: 1.65x faster than
+    # fp32, FACTS 4c) and fp32 elsewhere: an AVX2-only CPU emulates bf16, 7.7x slower than fp32 (builder.lm)
+    dtype: str = "auto"
     user_name: str = "Traveler"  # what {{user}} becomes in prompts
 
     def __post_init__(self) -> None:
@@ -186,8 +188,8 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"heal_scope: {c.heal_scope!r} is not 'ffn' or 'all'")
     if c.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", c.device):
         raise ConfigError(f"device: {c.device!r} is not 'cpu', 'cuda' or 'cuda:N'")
-    if c.dtype not in ("bf16", "fp32"):
-        raise ConfigError(f"dtype: {c.dtype!r} is not 'bf16' or 'fp32'")
+    if c.dtype not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"dtype: {c.dtype!r} is not 'auto', 'bf16' or 'fp32'")
     if not c.refit_ridges or min(c.refit_ridges) <= 0:
         raise ConfigError(f"refit_ridges: need one or more positive values, got {c.refit_ridges}")
     if c.refit_folds < 2:

@@ -14,8 +14,8 @@ refreshed every `on_policy_refresh` steps as the student moves: on magda (`fast`
 
 By default (`heal_scope="ffn"`) only the remaining FFN weights train: embeddings, attention, norms and lm_head stay
 bit-identical to the base, so the runtime can share them across characters (FACTS §4). "all" trains everything.
-Training runs in bf16 on CPU (1.65× faster, FACTS 4c) with fp32 master weights: Adam updates of 1e-4 relative
-size vanish under bf16 rounding, and untouched tensors must keep their exact fp32 bits.
+Training runs in bf16 where it is native (1.65× faster, FACTS 4c; `BuildConfig.dtype`) with fp32 master weights:
+Adam updates of 1e-4 relative size vanish under bf16 rounding, and untouched tensors must keep their exact fp32 bits.
 
 Input: the pruned fp32 student (modified in place), the dense teacher, a `SeqSet`, the config, and for on-policy
 steps a `replies` source (`reply_source`: the student → its sequences).
@@ -65,7 +65,8 @@ def heal(student, teacher, seqset: lm.SeqSet, config: BuildConfig, pad_id: int, 
     if config.heal_steps == 0 or not seqset.seqs:
         return {"steps": 0, "sequences_seen": 0}
     masters = trainable(student, config.heal_scope)
-    work = copy.deepcopy(student).to(torch.bfloat16) if config.dtype == "bf16" else student
+    dtype = lm.train_dtype(config.dtype, config.device)
+    work = copy.deepcopy(student).to(dtype) if dtype != torch.float32 else student
     names = {n for n, _ in masters}
     for n, p in work.named_parameters():
         p.requires_grad_(n in names)

@@ -335,6 +335,21 @@ def require_device(device: str) -> None:
                           f"{torch.cuda.device_count()} CUDA devices; build with --device cpu")
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bf16 matmuls natively: CUDA, or a CPU with AVX512-BF16 or AMX. Elsewhere torch
+    emulates bf16, and a (160, 576) x (576, 1536) product took 50 ms against fp32's 6.5 on an AVX2 EPYC."""
+    if device != "cpu":
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def train_dtype(dtype: str, device: str) -> torch.dtype:
+    """The training and scoring dtype of a `BuildConfig.dtype` ("auto": bf16 where it is native, else fp32)."""
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
 def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)

@@ -72,7 +72,7 @@ class RosterContext:
         (builder.buildcache)."""
         start = time.process_time()
         lm.set_threads(config.threads)
-        dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+        dtype = lm.train_dtype(config.dtype, config.device)
         lm.require_device(config.device)
         model, tok = load_model(base, dtype)
         model.to(config.device)
@@ -84,7 +84,7 @@ class RosterContext:
                   paragraphs[:len(paragraphs) - n_eval], paragraphs[len(paragraphs) - n_eval:],
                   PersonaJudge(model, tok, config.forward_batch))
         if cache_dir is not None:
-            salt = f"{base.sha256}:{config.dtype}:{config.device}"
+            salt = f"{base.sha256}:{dtype}:{config.device}"
             ctx.calibrations = DiskCache(Path(cache_dir) / "calibration", salt, asdict,
                                          calibration_from_json)
             ctx.dense_evals = DiskCache(Path(cache_dir) / "dense-eval", salt)
@@ -225,6 +225,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     cpu = time.process_time() - start
     metrics.update({"method": config.method, "ffn_keep": config.ffn_keep, "intermediate_size": k,
                     "base_intermediate_size": n_channels, "heal_data": heal_data,
+                    "train_dtype": str(ctx.model.dtype).removeprefix("torch."),
                     "params_dense": sum(p.numel() for p in ctx.model.parameters()),
                     "params_pruned": sum(p.numel() for p in student.parameters()),
                     "calibration": cal.stats, "selection": selection_stats, "refit": refit_stats, "heal": heal_stats,

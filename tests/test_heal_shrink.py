@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder import lm
 from builder.basemodel import load_model
+from builder.config import ConfigError
 from builder.heal import heal, on_policy_step, reply_source
 from builder.refit import gram_matrices, refit_down
 from builder.shrink import save_checkpoint, slice_ffn
@@ -66,14 +67,14 @@ def test_checkpoint_is_stock_and_matches_the_sliced_model(models, tiny_base, tmp
         slice_ffn(copy.deepcopy(model), [torch.arange(64), torch.arange(48)])
 
 
-@pytest.mark.parametrize("scope", ["ffn", "all"])
-def test_heal_lowers_kl_and_respects_scope(models, scope):
+@pytest.mark.parametrize("scope,dtype", [("ffn", "bf16"), ("all", "bf16"), ("ffn", "fp32")])
+def test_heal_lowers_kl_and_respects_scope(models, scope, dtype):
     dense, tok = models
     student = copy.deepcopy(dense)
     slice_ffn(student, [torch.arange(48), torch.arange(48)])
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     data = _data(tok)
-    config = tiny_config(heal_steps=25, heal_batch=3, heal_lr=3e-3, heal_scope=scope)
+    config = tiny_config(heal_steps=25, heal_batch=3, heal_lr=3e-3, heal_scope=scope, dtype=dtype)
     stats = heal(student, dense, data, config, tok.pad_token_id)
     assert stats["steps"] == 25 and stats["loss_end"] < stats["loss_start"]
     for name, p in student.named_parameters():
@@ -201,3 +202,11 @@ def test_on_policy_steps_train_on_the_students_own_replies(models):
     assert len(pools) == 1 and stats["on_policy_steps"] == 20 and stats["loss_end"] < stats["loss_start"]
     stats, pools = run(heal_steps=6, heal_on_policy=0.0)
     assert pools == [] and stats["on_policy_steps"] == 0
+
+
+def test_auto_dtype_is_bf16_only_where_native():
+    assert lm.train_dtype("auto", "cpu") == (torch.bfloat16 if lm.native_bf16("cpu") else torch.float32)
+    assert lm.train_dtype("auto", "cuda") == torch.bfloat16
+    assert lm.train_dtype("bf16", "cpu") == torch.bfloat16 and lm.train_dtype("fp32", "cuda") == torch.float32
+    with pytest.raises(ConfigError, match="dtype"):
+        tiny_config(dtype="fp16")
