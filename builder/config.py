@@ -23,8 +23,8 @@ class BuildConfig:
     # --- what to build ---
     method: str = "persona-pruner"  # the paper's learned mask; baselines exist for the benchmark
     ffn_keep: float = 0.75  # fraction of FFN channels kept: at 0.75 the default preset puts all 8 sample
-    # characters under max_kl (KL 0.21-0.25, builder 0.3.x) and 4 of 8 through the whole gate; 0.5 fails
-    # (KL 0.764, fast preset)
+    # characters under max_kl (KL 0.20-0.26) and 3-4 of 8 through the whole gate; at 0.5 all 8 fail max_kl
+    # (KL 0.42-0.54, the roster on a lent H100, docs/quality.md)
     channel_multiple: int = 16  # k is rounded to this so int4/int8 blocks and SIMD widths stay aligned
     seed: int = 0  # every random choice derives from it: builds are reproducible
 
