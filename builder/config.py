@@ -180,6 +180,14 @@ def _validate(c: BuildConfig) -> None:
         value = getattr(c, name)
         if value not in allowed and not (name.startswith("ffn_") and value is None):
             raise ConfigError(f"{name}: {value} is not {what}")
+    # ORT's CPU MatMulNBits has no float-compute kernel for 8-bit weights: it dequantises the whole matrix every
+    # call (2.2-2.4 tok/s against 65-128 at level 4 on AVX2 and AVX-512 machines, docs/artifact.md)
+    ffn_level = c.accuracy_level if c.ffn_accuracy_level is None else c.ffn_accuracy_level
+    for name, precision, level in (("accuracy_level", c.precision, c.accuracy_level),
+                                   ("ffn_accuracy_level", c.ffn_precision or c.precision, ffn_level)):
+        if precision == "int8" and level != 4:
+            raise ConfigError(f"{name}: {level} with int8 weights decodes ~30x slower on CPU (ONNX Runtime has no "
+                              f"float-compute kernel for 8-bit weights); use 4, or int4 weights for fp32 compute")
     if not 0.0 <= c.heal_on_policy <= 1.0:
         raise ConfigError(f"heal_on_policy: {c.heal_on_policy} is not in [0, 1]")
     if c.heal_data not in ("auto", "persona", "generic"):

@@ -27,10 +27,19 @@ def test_layers_apply_in_order():
     ({"ffn_accuracy_level": "fast"}, "ffn_accuracy_level"),
     ({"ffn_block_size": 24}, "ffn_block_size"),
     ({"heldout_stride": 0}, "heldout_stride"),
+    ({"accuracy_level": 0}, "accuracy_level"),  # int8 weights at fp32 compute: ORT's slow fallback
+    ({"ffn_precision": "int8", "precision": "int4", "ffn_accuracy_level": 1}, "ffn_accuracy_level"),
+    ({"precision": "int8", "accuracy_level": 0, "ffn_precision": "int4"}, "accuracy_level"),
 ])
 def test_bad_settings_name_the_field(layer, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
         resolve_config("default", layer)
+
+
+def test_float_compute_is_allowed_where_a_fast_kernel_exists():
+    assert resolve_config("default", {"ffn_precision": "int4", "ffn_accuracy_level": 0}).ffn_accuracy_level == 0
+    assert resolve_config("default", {"precision": "int4", "accuracy_level": 0}).accuracy_level == 0
+    assert resolve_config("default", {"precision": "fp32", "ffn_precision": "int4", "accuracy_level": 0})
 
 
 def test_tuples_come_from_lists_or_comma_separated_text():
