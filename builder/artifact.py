@@ -200,7 +200,7 @@ def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: Buil
             "builder": {"version": builder_version(), "config": config.to_dict(), "config_hash": config.fingerprint()},
             "base_model": {"id": base.model_id, "sha256": base.sha256}, "card_sha256": character.card_sha256,
             "model": {"file": exported.model_file.name, "data_file": exported.data_file.name,
-                      "precision": config.precision, "ffn_precision": config.ffn_precision or config.precision,
+                      "precision": config.precision, "ffn_precision": config.ffn_setting("precision"),
                       **exported.shapes,
                       "base_intermediate_size": base.config["intermediate_size"], "kv_layout": "BNSH",
                       "logits": "last"},

@@ -130,6 +130,12 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def ffn_setting(self, trunk_field: str) -> Any:
+        """A quantisation setting of the character's own FFN: its `ffn_*` override (precision, accuracy_level,
+        quant_block_size -> ffn_block_size), else the trunk's value."""
+        own = getattr(self, "ffn_" + trunk_field.removeprefix("quant_"))
+        return getattr(self, trunk_field) if own is None else own
+
     def fingerprint(self) -> str:
         """Hash of every setting that changes the artifact (threads do not)."""
         d = self.to_dict()
@@ -182,9 +188,8 @@ def _validate(c: BuildConfig) -> None:
             raise ConfigError(f"{name}: {value} is not {what}")
     # ORT's CPU MatMulNBits has no float-compute kernel for 8-bit weights: it dequantises the whole matrix every
     # call (2.2-2.4 tok/s against 65-128 at level 4 on AVX2 and AVX-512 machines, docs/artifact.md)
-    ffn_level = c.accuracy_level if c.ffn_accuracy_level is None else c.ffn_accuracy_level
     for name, precision, level in (("accuracy_level", c.precision, c.accuracy_level),
-                                   ("ffn_accuracy_level", c.ffn_precision or c.precision, ffn_level)):
+                                   ("ffn_accuracy_level", c.ffn_setting("precision"), c.ffn_setting("accuracy_level"))):
         if precision == "int8" and level != 4:
             raise ConfigError(f"{name}: {level} with int8 weights decodes ~30x slower on CPU (ONNX Runtime has no "
                               f"float-compute kernel for 8-bit weights); use 4, or int4 weights for fp32 compute")

@@ -221,7 +221,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
     eps = float(cfg.get("rms_norm_eps", 1e-6))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     bits = _BITS[config.precision]
-    ffn_bits = _BITS[config.ffn_precision or config.precision]  # a character's own weights may be narrower
+    ffn_bits = _BITS[config.ffn_setting("precision")]  # a character's own weights may be narrower
     w = _load_weights(checkpoint)
     hess = load_hessians(hessians) if hessians is not None and gptq_wanted(config) else {}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,11 +255,10 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
             n, k = weight.shape
             if nbits and quantize:
                 b = g.weight(f"{name}.bias", bias, shared) if bias is not None else None
-                def own(trunk: int, ffn: int | None) -> int:  # a character's FFN may set its own, else the trunk's
-                    return trunk if shared or ffn is None else ffn
+                def own(field: str) -> int:  # a character's FFN may set its own, else the trunk's
+                    return getattr(config, field) if shared else config.ffn_setting(field)
 
-                level = own(config.accuracy_level, config.ffn_accuracy_level)
-                block = own(config.quant_block_size, config.ffn_block_size)
+                level, block = own("accuracy_level"), own("quant_block_size")
                 return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian, block), n, k, b, nbits, level,
                                     block)
             y = g.node("MatMul", [x, g.weight(f"{name}.weight_t", weight.T, shared)])[0]

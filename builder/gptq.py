@@ -27,7 +27,7 @@ from builder.quant import block_grid, pack_blocks, quantize_to_grid
 
 def wanted(config) -> bool:
     """Whether a build quantises its character's FFN with GPTQ: only an int4 FFN (see above)."""
-    return config.gptq and (config.ffn_precision or config.precision) == "int4"
+    return config.gptq and config.ffn_setting("precision") == "int4"
 
 
 def ffn_hessians(model, seqset, batch: int, pad_id: int) -> dict[str, np.ndarray]:

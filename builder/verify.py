@@ -130,7 +130,7 @@ def verify_export(checkpoint: Path, model_file: Path, prompts: list[str], config
     top1, kl = agree / total, kl / total
     passed = kl <= config.max_verify_kl
     wider = {"int4": "int8", "int8": "fp32"}.get(config.precision, "fp32; the export itself is wrong: report it")
-    ffn = config.ffn_precision or config.precision
+    ffn = config.ffn_setting("precision")
     advice = f"--ffn-precision {config.precision}" if ffn != config.precision else f"--precision {wider}"
     reason = "" if passed else (f"ONNX ({config.precision}, FFN {ffn}) differs from torch by KL {kl:.4f} nats per "
                                 f"probe token (> max_verify_kl {config.max_verify_kl}; top-1 agreement "

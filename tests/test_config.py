@@ -42,6 +42,13 @@ def test_float_compute_is_allowed_where_a_fast_kernel_exists():
     assert resolve_config("default", {"precision": "fp32", "ffn_precision": "int4", "accuracy_level": 0})
 
 
+def test_ffn_settings_fall_back_to_the_trunks():
+    c = resolve_config("default", {"ffn_precision": "int4", "ffn_block_size": 32})
+    assert (c.ffn_setting("precision"), c.ffn_setting("quant_block_size")) == ("int4", 32)
+    assert c.ffn_setting("accuracy_level") == c.accuracy_level == 4
+    assert resolve_config().ffn_setting("precision") == "int8"
+
+
 def test_tuples_come_from_lists_or_comma_separated_text():
     assert resolve_config("default", {"refit_ridges": "0.1, 1"}).refit_ridges == (0.1, 1.0)
     assert resolve_config("default", {"refit_ridges": [3]}).refit_ridges == (3.0,)
