@@ -12,6 +12,7 @@ Output: a `BuildSummary` (per character: built / skipped / failed, reason, secon
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -46,6 +47,7 @@ class Outcome:
     seconds: float = 0.0
     passed_gate: bool | None = None
     path: str = ""
+    note: str = ""  # e.g. the FFN was widened after the requested width failed the quality gate
 
 
 @dataclass
@@ -109,25 +111,46 @@ def _build_one(character: Any, characters: list[Any], base: Any, config: BuildCo
     t0 = time.perf_counter()
     work = out_dir / f".work-{character.id}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
+    ladder = config.keep_ladder()
+    attempts: list[dict[str, Any]] = []  # the widths that failed the gate, wider ones tried after them
     try:
-        if config.ffn_keep < 1.0:
+        for i, keep in enumerate(ladder):
+            if keep >= 1.0:
+                say("ffn_keep 1.0: exporting the dense base model")
+                prune, checkpoint = None, base.path
+                break
             key = f"{base.sha256}:{config.dtype}:{config.threads}:{config.device}:{cache_dir}"
             if key not in _CONTEXT:
                 say("loading the dense model")
                 _CONTEXT.clear()
                 _CONTEXT[key] = RosterContext.create(characters, base, config, cache_dir)
-            prune = prune_character(character, _CONTEXT[key], base, config, work, progress=say)
+            prune = prune_character(character, _CONTEXT[key], base, dataclasses.replace(config, ffn_keep=keep),
+                                    work / f"keep-{keep}", progress=say)
             checkpoint = prune.checkpoint
-        else:
-            say("ffn_keep 1.0: exporting the dense base model")
-            prune, checkpoint = None, base.path
-        write_artifact(checkpoint, character, out_dir / character.id, config, base, prune, progress=say)
+            if prune.passed_gate or keep == ladder[-1]:
+                break
+            attempts.append(failed_attempt(prune))
+            shutil.rmtree(work / f"keep-{keep}", ignore_errors=True)
+            say(f"quality gate failed at ffn_keep {keep} ({'; '.join(prune.gate_reasons)}): trying {ladder[i + 1]}")
+        write_artifact(checkpoint, character, out_dir / character.id, config, base, prune, progress=say,
+                       attempts=attempts)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     passed = prune.passed_gate if prune is not None else True
     reason = "" if passed else "quality gate: " + "; ".join(prune.gate_reasons)
+    note = "" if not attempts else (f"FFN widened to {keep} after the quality gate failed at "
+                                    f"{', '.join(str(a['ffn_keep']) for a in attempts)}")
     return Outcome(character.id, "built" if passed else "failed", reason, round(time.perf_counter() - t0, 1), passed,
-                   str(out_dir / character.id))
+                   str(out_dir / character.id), note)
+
+
+def failed_attempt(prune: Any) -> dict[str, Any]:
+    """What the report keeps of a width that failed the gate: its width, reasons and headline metrics."""
+    m = prune.metrics
+    return {"ffn_keep": m["ffn_keep"], "intermediate_size": m["intermediate_size"], "gate_reasons": prune.gate_reasons,
+            **{k: m[k] for k in ("kl", "top1_agreement", "judge_accuracy_dense", "judge_accuracy_pruned",
+                                 "repetition_dense", "repetition_pruned", "echo_rate_pruned") if k in m},
+            "cpu_seconds": round(prune.cpu_seconds, 1)}
 
 
 def _worker(character: Any, characters: list[Any], base: Any, config: BuildConfig, out_dir: Path,
@@ -206,9 +229,11 @@ def build_roster(chardir: Path, out_dir: Path, preset: str = "default", override
         fresh, manifest = up_to_date(out_dir / ch.id, ch, config, base.sha256)
         if fresh and not force:
             passed = manifest["quality"].get("passed_gate")
+            widths = [str(w["ffn_keep"]) for w in manifest["quality"].get("failed_widths", [])]
             summary.outcomes.append(Outcome(
                 ch.id, "skipped" if passed else "failed", "" if passed else "quality gate failed (unchanged inputs): "
-                + "; ".join(manifest["quality"].get("gate_reasons", [])), 0.0, passed, str(out_dir / ch.id)))
+                + "; ".join(manifest["quality"].get("gate_reasons", [])), 0.0, passed, str(out_dir / ch.id),
+                f"FFN widened after the quality gate failed at {', '.join(widths)}" if widths else ""))
             say(ch.id, "up to date")
             continue
         todo.append((ch, config))

@@ -25,6 +25,10 @@ class BuildConfig:
     ffn_keep: float = 0.75  # fraction of FFN channels kept: at 0.75 the default preset puts all 8 sample
     # characters under max_kl (KL 0.20-0.26) and 3-4 of 8 through the whole gate; at 0.5 all 8 fail max_kl
     # (KL 0.42-0.54, the roster on a lent H100, docs/quality.md)
+    # wider widths tried in turn when a character fails the quality gate at ffn_keep, so a hard character ships
+    # larger rather than broken: 0.875 keeps half the saving; 1.0 is the base FFN, which passes by construction (KL 0).
+    # () installs the failed artifact, flagged, and the build reports the failure
+    ffn_keep_fallback: tuple[float, ...] = (0.875, 1.0)
     channel_multiple: int = 16  # k is rounded to this so int4/int8 blocks and SIMD widths stay aligned
     seed: int = 0  # every random choice derives from it: builds are reproducible
 
@@ -136,6 +140,10 @@ class BuildConfig:
         own = getattr(self, "ffn_" + trunk_field.removeprefix("quant_"))
         return getattr(self, trunk_field) if own is None else own
 
+    def keep_ladder(self) -> list[float]:
+        """The FFN widths a build tries in turn: ffn_keep, then each wider fallback."""
+        return [self.ffn_keep] + [k for k in self.ffn_keep_fallback if k > self.ffn_keep]
+
     def fingerprint(self) -> str:
         """Hash of every setting that changes the artifact (threads do not)."""
         d = self.to_dict()
@@ -174,6 +182,10 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"heldout_stride: {c.heldout_stride} must be at least 1")
     if not 0.0 < c.ffn_keep <= 1.0:
         raise ConfigError(f"ffn_keep: {c.ffn_keep} is not in (0, 1]")
+    if any(not 0.0 < k <= 1.0 for k in c.ffn_keep_fallback) or list(c.ffn_keep_fallback) != sorted(
+            set(c.ffn_keep_fallback)):
+        raise ConfigError(f"ffn_keep_fallback: {list(c.ffn_keep_fallback)} must be increasing widths in (0, 1], "
+                          f"e.g. [0.875, 1.0], or empty to report a failed gate instead of widening")
     if c.precision not in PRECISIONS:
         raise ConfigError(f"precision: {c.precision!r} is not one of {', '.join(PRECISIONS)}")
     if c.ffn_precision is not None and c.ffn_precision not in PRECISIONS:
@@ -239,8 +251,9 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if kind is float:
             return float(value)
-        if kind is tuple:  # a YAML list, or "a,b" on the command line
-            return tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
+        if kind is tuple:  # a YAML list, or "a,b" on the command line ("" or "none": empty)
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(float(v) for v in items if str(v).strip().lower() not in ("", "none"))
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot use {value!r} (expected {kind.__name__})") from None

@@ -150,6 +150,14 @@ def character_section(data: dict[str, Any], level: int = 1) -> str:
              "<h3>Fidelity to the dense model</h3>"]
     quality = dict(data["quality"])
     stages = quality.pop("stage_cpu_seconds", None)  # its own table below
+    failed_widths = quality.pop("failed_widths", [])
+    if failed_widths:
+        parts += [f"<p class=\"bad\">Widened: the quality gate failed at FFN keep "
+                  f"{', '.join(str(w['ffn_keep']) for w in failed_widths)}, so this artifact keeps "
+                  f"{quality.get('ffn_keep', 1.0)}.</p>",
+                  _table([[w["ffn_keep"], w.get("kl", ""), w.get("judge_accuracy_pruned", ""),
+                           w.get("repetition_pruned", ""), "; ".join(w["gate_reasons"])] for w in failed_widths],
+                         ["FFN keep", "KL", "judge", "repetition", "gate"])]
     parts.append(_quality_tables(quality))
     if stages:
         total = sum(stages.values())

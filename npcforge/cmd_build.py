@@ -17,6 +17,9 @@ from npcforge.ui import Failed, emit_json
 @click.option("--preset", type=click.Choice(["fast", "default", "best"]), default="default", show_default=True,
               help="fast: demos and CI; best: what a release build can afford.")
 @click.option("--ffn-keep", type=float, help="Fraction of FFN channels kept (1.0 = no pruning, exports the base).")
+@click.option("--ffn-keep-fallback", metavar="K1,K2",
+              help="Wider FFN widths tried in turn when a character fails the quality gate (default 0.875,1.0; "
+              "1.0 ships the base FFN); 'none' reports the failure instead.")
 @click.option("--method", help="Channel selection: persona-pruner, persona-activation, magnitude, wanda-sp, taylor.")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), help="Weight precision of the ONNX model.")
 @click.option("--ffn-precision", type=click.Choice(["fp32", "int8", "int4"]),
@@ -30,18 +33,20 @@ from npcforge.ui import Failed, emit_json
               "instead of reusing OUT/.cache (kept from earlier builds; safe to delete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_keep: float | None,
-          method: str | None, precision: str | None, ffn_precision: str | None, base_model: str | None,
+          ffn_keep_fallback: str | None, method: str | None, precision: str | None, ffn_precision: str | None, base_model: str | None,
           device: str | None, jobs: int, force: bool, no_cache: bool, as_json: bool) -> None:
     """Build a pruned, exported, verified model for every character file in CHARDIR.
 
-    Unchanged characters are skipped in seconds; each artifact appears complete or not at all. Exit code 1 when
-    any character failed (the summary names it and says why); the others are built regardless.
+    Unchanged characters are skipped in seconds; each artifact appears complete or not at all. A character whose
+    pruned model fails the quality gate is rebuilt with a wider FFN (--ffn-keep-fallback), and the summary says so.
+    Exit code 1 when any character failed (the summary names it and says why); the others are built regardless.
     """
     from builder.basemodel import BaseModelError
     from builder.build import BuildError, build_roster
     from builder.config import ConfigError, resolve_config
 
     overrides: dict[str, Any] = {k: v for k, v in dict(ffn_keep=ffn_keep, method=method,
+                                                       ffn_keep_fallback=ffn_keep_fallback,
                                                        precision=precision,
                                                        ffn_precision=ffn_precision,
                                                        device=device).items() if v is not None}
@@ -71,7 +76,7 @@ def build(chardir: Path, out_dir: Path, only: tuple[str, ...], preset: str, ffn_
         for o in summary.outcomes:
             line = f"{o.status:>8}  {o.id}"
             line += f"  ({o.seconds:.0f} s)" if o.status == "built" else ""
-            click.echo(line + (f"  {o.reason}" if o.reason else ""))
+            click.echo(line + "".join(f"  {t}" for t in (o.note, o.reason) if t))
         click.echo(f"{sum(o.status == 'built' for o in summary.outcomes)} built, "
                    f"{sum(o.status == 'skipped' for o in summary.outcomes)} up to date, "
                    f"{sum(o.status == 'failed' for o in summary.outcomes)} failed in {summary.seconds:.1f} s "

@@ -145,7 +145,7 @@ def test_jobs_build_in_parallel_processes(small_roster: Path, tmp_path: Path, ti
 def test_pruned_build_runs_the_pruning_pipeline(roster_dir: Path, tmp_path: Path, tiny_base: Path) -> None:
     out = tmp_path / "dist"
     messages: list[tuple[str, str]] = []
-    summary = build_roster(roster_dir, out, "fast", {**TINY, "ffn_keep": 0.5},
+    summary = build_roster(roster_dir, out, "fast", {**TINY, "ffn_keep": 0.5, "ffn_keep_fallback": ""},
                            only=["magda"], base_model=tiny_base, progress=lambda cid, msg: messages.append((cid, msg)))
     outcome = summary.outcomes[0]
     assert outcome.status in ("built", "failed") and (out / "magda" / "manifest.json").is_file()
@@ -164,6 +164,36 @@ def test_pruned_build_runs_the_pruning_pipeline(roster_dir: Path, tmp_path: Path
     build_roster(roster_dir, other, "fast", {**TINY, "ffn_keep": 0.5}, only=["magda"],
                  base_model=tiny_base, cache=False)
     assert (other / "magda" / "manifest.json").is_file() and not [p for p in other.iterdir() if p.name[0] == "."]
+
+
+def test_a_character_failing_the_gate_is_rebuilt_wider(roster_dir: Path, tmp_path: Path, tiny_base: Path) -> None:
+    """max_kl 0 fails every pruned width: the build tries each fallback in turn and ships the base FFN, saying so."""
+    out = tmp_path / "dist"
+    messages: list[str] = []
+    settings = {**TINY, "ffn_keep": 0.5, "ffn_keep_fallback": "0.75,1.0", "max_kl": 0.0}
+    summary = build_roster(roster_dir, out, "fast", settings, only=["magda"], base_model=tiny_base,
+                           progress=lambda cid, msg: messages.append(msg))
+    outcome = summary.outcomes[0]
+    assert outcome.status == "built" and summary.ok and "widened to 1.0" in outcome.note
+    m = read_manifest(out / "magda")
+    assert m["model"]["intermediate_size"] == m["model"]["base_intermediate_size"] == 128
+    widths = m["quality"]["failed_widths"]
+    assert [w["ffn_keep"] for w in widths] == [0.5, 0.75] and [w["intermediate_size"] for w in widths] == [64, 96]
+    assert all(w["kl"] > 0 and any("KL" in r for r in w["gate_reasons"]) for w in widths)
+    assert m["quality"]["passed_gate"] and m["builder"]["config"]["ffn_keep"] == 0.5  # the request, for up_to_date
+    assert any("quality gate failed at ffn_keep 0.5" in msg and "trying 0.75" in msg for msg in messages)
+    assert "Widened" in (out / "magda" / "report.html").read_text()
+    assert not [p for p in out.iterdir() if p.name.startswith(".work")]  # failed widths' checkpoints are gone
+    again = build_roster(roster_dir, out, "fast", settings, only=["magda"], base_model=tiny_base)
+    assert again.outcomes[0].status == "skipped" and "0.5, 0.75" in again.outcomes[0].note
+
+    # the ladder stops at the first width that passes: with a gate every model passes, 0.5 ships
+    passing = build_roster(roster_dir, tmp_path / "d2", "fast", {**settings, "max_kl": 99.0,
+                                                                 "max_degeneration_increase": 99.0,
+                                                                 "max_judge_drop": 99.0},
+                           only=["magda"], base_model=tiny_base)
+    assert passing.outcomes[0].note == ""
+    assert read_manifest(tmp_path / "d2" / "magda")["model"]["intermediate_size"] == 64
 
 
 def test_inspect_reports_and_detects_tampering(small_roster: Path, tmp_path: Path, tiny_base: Path) -> None:

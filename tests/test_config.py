@@ -30,6 +30,9 @@ def test_layers_apply_in_order():
     ({"accuracy_level": 0}, "accuracy_level"),  # int8 weights at fp32 compute: ORT's slow fallback
     ({"ffn_precision": "int8", "precision": "int4", "ffn_accuracy_level": 1}, "ffn_accuracy_level"),
     ({"precision": "int8", "accuracy_level": 0, "ffn_precision": "int4"}, "accuracy_level"),
+    ({"ffn_keep_fallback": "1.0,0.875"}, "ffn_keep_fallback"),  # widths must widen
+    ({"ffn_keep_fallback": "0.9,1.2"}, "ffn_keep_fallback"),
+    ({"ffn_keep_fallback": "wide"}, "ffn_keep_fallback"),
 ])
 def test_bad_settings_name_the_field(layer, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -52,6 +55,14 @@ def test_ffn_settings_fall_back_to_the_trunks():
 def test_tuples_come_from_lists_or_comma_separated_text():
     assert resolve_config("default", {"refit_ridges": "0.1, 1"}).refit_ridges == (0.1, 1.0)
     assert resolve_config("default", {"refit_ridges": [3]}).refit_ridges == (3.0,)
+
+
+def test_keep_ladder_widens_from_the_requested_width():
+    assert resolve_config().keep_ladder() == [0.75, 0.875, 1.0]
+    assert resolve_config("default", {"ffn_keep": 0.9}).keep_ladder() == [0.9, 1.0]  # narrower fallbacks skipped
+    for empty in ("", "none", []):  # the command line's and a card's way to say: report a failure, do not widen
+        c = resolve_config("default", {"ffn_keep_fallback": empty})
+        assert c.ffn_keep_fallback == () and c.keep_ladder() == [0.75]
 
 
 def test_unknown_preset():
