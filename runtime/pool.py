@@ -89,16 +89,23 @@ class NPCPool:
                 log.warning(self.problems[d.name])
                 continue
             self._artifacts[a.id] = a
+            quality = a.manifest.get("quality", {})
+            if quality.get("passed_gate") is False:  # built with ffn_keep_fallback off: served, but never silently
+                log.warning("%s failed its quality gate at build time (%s); serving it anyway", a.id,
+                            "; ".join(quality.get("gate_reasons", [])) or "no reason recorded")
             try:  # for listing only; the file is verified with the rest before the character is served
                 self._greetings[a.id] = str(read_character(a).get("greeting") or "")
             except ArtifactError:
                 self._greetings[a.id] = ""
 
     def characters(self) -> list[dict[str, Any]]:
-        """[{id, name, greeting, loaded, pinned}] of every servable artifact in the dist folder."""
+        """[{id, name, greeting, loaded, pinned, passed_gate}] of every servable artifact in the dist folder
+        (`passed_gate`: the build's quality verdict, False for a character installed although it failed)."""
         with self._lock:
             return [{"id": a.id, "name": a.name, "greeting": self._greetings[a.id], "loaded": a.id in self._models,
-                     "pinned": a.id in self._models and self._models[a.id].pinned} for a in self._artifacts.values()]
+                     "pinned": a.id in self._models and self._models[a.id].pinned,
+                     "passed_gate": a.manifest.get("quality", {}).get("passed_gate", True)}
+                    for a in self._artifacts.values()]
 
     def _artifact(self, cid: str) -> Artifact:
         if cid not in self._artifacts:

@@ -53,6 +53,19 @@ def test_characters_lazy_load_unload_pin(dist: Path):
             pool.load("nobody")
 
 
+def test_a_character_that_failed_its_gate_is_served_with_a_warning(dist: Path, caplog):
+    victim = sorted(p.name for p in dist.iterdir())[0]
+    path = dist / victim / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["quality"].update(passed_gate=False, gate_reasons=["KL(dense||pruned) 0.332 nats/token > max_kl 0.3"])
+    path.write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="runtime.pool"), NPCPool(dist, threads=1) as pool:
+        gates = {c["id"]: c["passed_gate"] for c in pool.characters()}
+        assert gates.pop(victim) is False and all(gates.values())
+        assert pool.chat(victim, "s", "Hello!", max_tokens=3, **GREEDY).wait().completion_tokens >= 1
+    assert any(victim in r.message and "0.332" in r.message for r in caplog.records)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_tampered_artifact_refused_others_served(dist: Path, damage: str):
     victim, *others = sorted(p.name for p in dist.iterdir())
