@@ -45,7 +45,7 @@ demo: install
 	$(BIN)/npcforge validate characters/
 	@echo "== the dense base model, in character (a preview before pruning) =="
 	$(BIN)/npcforge model ask --character characters/magda.yaml "What can you forge for me?"
-	@echo "== building characters$(if $(DEMO_ONLY), ($(DEMO_ONLY))) with the fast preset (exit 1 = a character failed its quality gate; the summary says why) =="
+	@echo "== building characters$(if $(DEMO_ONLY), ($(DEMO_ONLY))) with the fast preset (a character that fails the quality gate is rebuilt with a wider FFN; the summary says so) =="
 	$(BIN)/npcforge build characters/ -o $(DIST) --preset fast --jobs 2 $(DEMO_ONLY); [ $$? -le 1 ]
 	$(BIN)/npcforge inspect $(DIST)/magda
 	BIN=$(BIN) scripts/demo_conversation.sh $(DIST) magda rosie
