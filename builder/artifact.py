@@ -182,7 +182,8 @@ def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: Buil
     try:
         t0 = time.perf_counter()
         say("export")
-        exported = export_onnx(checkpoint, tmp, config, getattr(prune, "hessians", None))
+        exported = export_onnx(checkpoint, tmp, config, getattr(prune, "hessians", None),
+                               base_ffn=checkpoint.resolve() == Path(base.path).resolve())
         tok_src = checkpoint if (checkpoint / "tokenizer.json").is_file() else base.path
         for name in TOKENIZER_FILES:
             if (tok_src / name).is_file():

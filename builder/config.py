@@ -163,10 +163,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # held-out queries): KL -19/-7/-7 %, judge +5 to +7.5 points on aldric, magda, rosie (docs/quality.md).
     # heal_lr 6e-5 (session 9): its 24 steps of 2 sequences are noisy; KL -0.015/-0.004/-0.016 and repetition
     # -0.05/-0.06/-0.05 on aldric (chosen there), magda, rosie. At `default` (64 steps of 4) 6e-5 gained nothing.
+    # A failing `fast` character goes straight to the base FFN: on magda (AVX2 CPU, session 13) 0.875 cost 636
+    # CPU-s more and still failed, on the judge by one answer of 40 (KL 0.332 -> 0.153), so a demo would pay twice.
     "fast": dict(query_pool=160, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
                  n_train_queries=96, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
                  teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2, heal_lr=6e-5,
-                 n_generic_calibration=8, max_seq_len=192),
+                 n_generic_calibration=8, max_seq_len=192, ffn_keep_fallback=(1.0,)),
     "default": {},
     # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups).
     # 64 mask steps, not 120: the mask's probe KL is lowest near step 40 and drifts from ~50 on (docs/quality.md)

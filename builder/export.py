@@ -50,7 +50,9 @@ class TensorRecord:
     offset: int
     length: int
     sha256: str
-    shared: bool  # not an FFN tensor: identical across characters pruned from one base (FFN-only pruning)
+    # identical in every artifact of one base at these settings: all but the FFN (FFN-only pruning), and the FFN
+    # too when it is the base's own (export_onnx's base_ffn)
+    shared: bool
 
 
 @dataclass
@@ -208,9 +210,12 @@ def _check_arch(cfg: dict[str, Any], checkpoint: Path) -> None:
 _BITS = {"fp32": 0, "int8": 8, "int4": 4}
 
 
-def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: Path | None = None) -> ExportResult:
+def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: Path | None = None,
+                base_ffn: bool = False) -> ExportResult:
     """Write model.onnx + model.onnx.data for `checkpoint` at `config.precision` into out_dir. With `hessians`
-    (builder.gptq's statistics of the character's FFN inputs) and `config.gptq`, an int4 FFN is GPTQ-quantised."""
+    (builder.gptq's statistics of the character's FFN inputs) and `config.gptq`, an int4 FFN is GPTQ-quantised.
+    `base_ffn`: the checkpoint is the base itself (no pruning), so its FFN tensors are identical in every artifact
+    exported from it at these settings, and are listed as shared too."""
     t0 = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     cfg = json.loads((checkpoint / "config.json").read_text())
@@ -251,12 +256,13 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                           bits=nbits, block_size=block, accuracy_level=level)[0]
 
         def linear(x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, shared: bool,
-                   quantize: bool = True, nbits: int = bits, hessian: np.ndarray | None = None) -> str:
+                   quantize: bool = True, nbits: int = bits, hessian: np.ndarray | None = None,
+                   ffn: bool = False) -> str:
             n, k = weight.shape
             if nbits and quantize:
                 b = g.weight(f"{name}.bias", bias, shared) if bias is not None else None
                 def own(field: str) -> int:  # a character's FFN may set its own, else the trunk's
-                    return getattr(config, field) if shared else config.ffn_setting(field)
+                    return config.ffn_setting(field) if ffn else getattr(config, field)
 
                 level, block = own("accuracy_level"), own("quant_block_size")
                 return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian, block), n, k, b, nbits, level,
@@ -312,13 +318,13 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                                     n_out=4, domain="com.microsoft", epsilon=eps)
             g.nodes[-1].output[1:3] = ["", ""]
             h_in, h_down = hess.get(f"layers.{i}.mlp_input"), hess.get(f"layers.{i}.down_input")
-            gate = linear(h, f"{p}.mlp.gate_proj", get(f"{p}.mlp.gate_proj.weight"), None, False, nbits=ffn_bits,
-                          hessian=h_in)
-            up = linear(h, f"{p}.mlp.up_proj", get(f"{p}.mlp.up_proj.weight"), None, False, nbits=ffn_bits,
-                        hessian=h_in)
+            gate = linear(h, f"{p}.mlp.gate_proj", get(f"{p}.mlp.gate_proj.weight"), None, base_ffn, nbits=ffn_bits,
+                          hessian=h_in, ffn=True)
+            up = linear(h, f"{p}.mlp.up_proj", get(f"{p}.mlp.up_proj.weight"), None, base_ffn, nbits=ffn_bits,
+                        hessian=h_in, ffn=True)
             act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0], up])[0]
-            down = linear(act, f"{p}.mlp.down_proj", get(f"{p}.mlp.down_proj.weight"), None, False, nbits=ffn_bits,
-                          hessian=h_down)
+            down = linear(act, f"{p}.mlp.down_proj", get(f"{p}.mlp.down_proj.weight"), None, base_ffn,
+                          nbits=ffn_bits, hessian=h_down, ffn=True)
             if i + 1 < L:
                 nxt = f"model.layers.{i + 1}.input_layernorm.weight"
                 h, _, _, resid = g.node("SkipSimplifiedLayerNormalization",

@@ -34,7 +34,7 @@ def report_data(manifest: dict[str, Any], exported: Any, prune: Any) -> dict[str
     """Everything the pages show, as plain JSON (also written as report.json)."""
     m = manifest["model"]
     model_bytes = exported.model_file.stat().st_size + exported.data_file.stat().st_size
-    ffn_bytes = sum(t.length for t in exported.tensors if not t.shared)
+    ffn_bytes = sum(t.length for t in exported.tensors if ".mlp." in t.name)
     k, k0, L, H = m["intermediate_size"], m["base_intermediate_size"], m["num_layers"], m["hidden_size"]
     dense_bytes = model_bytes - ffn_bytes + round(ffn_bytes * k0 / k)
     shared_params = sum(_numel(t.shape) for t in exported.tensors if t.shared and t.dtype == "float32")
@@ -42,7 +42,8 @@ def report_data(manifest: dict[str, Any], exported: Any, prune: Any) -> dict[str
         "id": manifest["id"], "name": manifest["name"], "created": manifest["created"],
         "precision": precision_label(m), "config_hash": manifest["builder"]["config_hash"],
         "size": {"artifact_bytes": model_bytes, "dense_artifact_bytes": dense_bytes,
-                 "ffn_bytes": ffn_bytes, "shared_bytes": model_bytes - ffn_bytes,
+                 "ffn_bytes": ffn_bytes,
+                 "shared_bytes": model_bytes - sum(t.length for t in exported.tensors if not t.shared),
                  "ffn_channels": k, "base_ffn_channels": k0, "ffn_params": 3 * L * H * k,
                  "base_ffn_params": 3 * L * H * k0, "shared_fp32_params": shared_params},
         "speed": {"prefill_ms": manifest["verification"]["prefill_ms"],

@@ -146,6 +146,7 @@ def test_pruned_characters_share_trunk_tensors(tmp_path: Path, tiny_base: Path, 
                                                       resolve_config("fast"), base)))
     a, b = ({t["name"]: t["sha256"] for t in m["shared_tensors"]} for m in manifests)
     assert a == b and len(a) >= 4 * 2 + 4
+    assert not [name for name in a if ".mlp." in name]  # each character's own FFN is its own
     assert manifests[0]["model"]["intermediate_size"] == 96 and manifests[0]["model"]["base_intermediate_size"] == 128
     assert manifests[0]["files"]["model.onnx.data"]["sha256"] != manifests[1]["files"]["model.onnx.data"]["sha256"]
 

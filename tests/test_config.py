@@ -60,6 +60,7 @@ def test_tuples_come_from_lists_or_comma_separated_text():
 def test_keep_ladder_widens_from_the_requested_width():
     assert resolve_config().keep_ladder() == [0.75, 0.875, 1.0]
     assert resolve_config("default", {"ffn_keep": 0.9}).keep_ladder() == [0.9, 1.0]  # narrower fallbacks skipped
+    assert resolve_config("fast").keep_ladder() == [0.75, 1.0]  # demos and tests: straight to the base FFN
     for empty in ("", "none", []):  # the command line's and a card's way to say: report a failure, do not widen
         c = resolve_config("default", {"ffn_keep_fallback": empty})
         assert c.ffn_keep_fallback == () and c.keep_ladder() == [0.75]

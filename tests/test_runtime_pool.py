@@ -123,11 +123,18 @@ def test_quantised_artifact_shares_packed_weights_through_the_container(tmp_path
     artifact = read_artifact(tmp_path / "dist" / chars[0].id)
     packed = packed_weight_names(artifact.model_file)
     assert {t.name for t in artifact.shared_tensors} & packed  # attention and lm_head weights are packed and shared
+    # exported from the base itself (a character widened to ffn_keep 1.0): the FFN is the base's, shared as well
+    ffn = {t.name: t.sha256 for t in artifact.shared_tensors if ".mlp." in t.name}
+    assert set(ffn) & packed and ffn.items() <= {t.name: t.sha256
+                                                 for t in read_artifact(tmp_path / "dist" / chars[1].id).shared_tensors
+                                                 }.items()
     assert shareable(artifact, RuntimeConfig()) == artifact.shared_tensors
     assert shareable(artifact, RuntimeConfig(share_tensors=False)) == ()
     with NPCPool(tmp_path / "dist", threads=1) as pool:
         for char in chars:
             assert pool.chat(char.id, "s", "Hello!", max_tokens=8, **GREEDY).wait().completion_tokens >= 1
+        # the second character adds no tensor of its own: everything it maps is the first one's
+        assert pool.stats()["shared_tensors"]["count"] == len({t.sha256 for t in artifact.shared_tensors})
         shared = pool.stats()["shared_tensors"]
         assert shared["prepacked_container"] and shared["count"] == len({t.sha256 for t in artifact.shared_tensors})
         assert shared["references"] == 2 * len(artifact.shared_tensors)
