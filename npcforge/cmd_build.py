@@ -19,7 +19,7 @@ from npcforge.ui import Failed, emit_json
 @click.option("--ffn-keep", type=float, help="Fraction of FFN channels kept (1.0 = no pruning, exports the base).")
 @click.option("--ffn-keep-fallback", metavar="K1,K2",
               help="Wider FFN widths tried in turn when a character fails the quality gate (default 0.875,1.0; "
-              "1.0 ships the base FFN); 'none' reports the failure instead.")
+              "--preset fast: 1.0, the base FFN); 'none' reports the failure instead.")
 @click.option("--method", help="Channel selection: persona-pruner, persona-activation, magnitude, wanda-sp, taylor.")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), help="Weight precision of the ONNX model.")
 @click.option("--ffn-precision", type=click.Choice(["fp32", "int8", "int4"]),
