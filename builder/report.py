@@ -203,12 +203,14 @@ def write_roster_report(dist: Path, ids: list[str], failures: dict[str, str]) ->
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
         s = data["size"]
-        rows.append([data["name"], cid, data["precision"], s["artifact_bytes"],
+        widened = ", widened" if data["quality"].get("failed_widths") else ""
+        rows.append([data["name"], cid, data["precision"], f"{s['ffn_channels'] / s['base_ffn_channels']:.3g}{widened}",
+                     s["artifact_bytes"],
                      round(s["artifact_bytes"] / s["dense_artifact_bytes"], 3), data["speed"]["decode_tokens_per_s"],
                      data["verification"].get("kl", ""), "passed" if data["quality"].get("passed_gate") else "failed"])
         sections.append(f'<section id="{html.escape(cid)}">{character_section(data, level=2)}</section>')
     body = ["<h1>npcforge build report</h1>",
-            _table(rows, ["character", "id", "precision", "bytes", "size vs dense", "decode tok/s",
+            _table(rows, ["character", "id", "precision", "FFN kept", "bytes", "size vs dense", "decode tok/s",
                           "ONNX KL to torch", "quality gate"])]
     if failures:
         body += ["<h2>Failed</h2>", _table([[k, v] for k, v in sorted(failures.items())], ["id", "reason"])]

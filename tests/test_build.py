@@ -183,6 +183,7 @@ def test_a_character_failing_the_gate_is_rebuilt_wider(roster_dir: Path, tmp_pat
     assert m["quality"]["passed_gate"] and m["builder"]["config"]["ffn_keep"] == 0.5  # the request, for up_to_date
     assert any("quality gate failed at ffn_keep 0.5" in msg and "trying 0.75" in msg for msg in messages)
     assert "Widened" in (out / "magda" / "report.html").read_text()
+    assert "<td>1, widened</td>" in (out / "report.html").read_text()  # the roster page's FFN kept column
     assert not [p for p in out.iterdir() if p.name.startswith(".work")]  # failed widths' checkpoints are gone
     again = build_roster(roster_dir, out, "fast", settings, only=["magda"], base_model=tiny_base)
     assert again.outcomes[0].status == "skipped" and "0.5, 0.75" in again.outcomes[0].note
