@@ -166,8 +166,8 @@ def install(tmp: Path, out_dir: Path) -> None:
 
 def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: BuildConfig, base: BaseModel,
                    prune: Any = None, progress: Callable[[str], None] | None = None,
-                   attempts: list[dict[str, Any]] | None = None) -> Path:
-    """Export, verify, hash and install one character's artifact at out_dir; returns out_dir. `attempts`: the
+                   failed_widths: list[dict[str, Any]] | None = None) -> Path:
+    """Export, verify, hash and install one character's artifact at out_dir; returns out_dir. `failed_widths`: the
     narrower FFN widths that failed the quality gate before this one (builder.build), kept in the quality record."""
     from builder.cards import character_record
     from builder.report import write_character_report
@@ -197,8 +197,8 @@ def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: Buil
         _write_json(tmp / "character.json", character_record(character, config.user_name))
         quality = dict(prune.metrics, passed_gate=prune.passed_gate, gate_reasons=prune.gate_reasons) if prune \
             else {"method": "dense", "ffn_keep": 1.0, "passed_gate": True}
-        if attempts:
-            quality["failed_widths"] = attempts
+        if failed_widths:
+            quality["failed_widths"] = failed_widths
         manifest: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "id": character.id, "name": character.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -112,7 +112,7 @@ def _build_one(character: Any, characters: list[Any], base: Any, config: BuildCo
     work = out_dir / f".work-{character.id}-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     ladder = config.keep_ladder()
-    attempts: list[dict[str, Any]] = []  # the widths that failed the gate, wider ones tried after them
+    failed_widths: list[dict[str, Any]] = []  # the widths that failed the gate, wider ones tried after them
     try:
         for i, keep in enumerate(ladder):
             if keep >= 1.0:
@@ -129,22 +129,28 @@ def _build_one(character: Any, characters: list[Any], base: Any, config: BuildCo
             checkpoint = prune.checkpoint
             if prune.passed_gate or keep == ladder[-1]:
                 break
-            attempts.append(failed_attempt(prune))
+            failed_widths.append(failed_width(prune))
             shutil.rmtree(work / f"keep-{keep}", ignore_errors=True)
             say(f"quality gate failed at ffn_keep {keep} ({'; '.join(prune.gate_reasons)}): trying {ladder[i + 1]}")
         write_artifact(checkpoint, character, out_dir / character.id, config, base, prune, progress=say,
-                       attempts=attempts)
+                       failed_widths=failed_widths)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     passed = prune.passed_gate if prune is not None else True
     reason = "" if passed else "quality gate: " + "; ".join(prune.gate_reasons)
-    note = "" if not attempts else (f"FFN widened to {keep} after the quality gate failed at "
-                                    f"{', '.join(str(a['ffn_keep']) for a in attempts)}")
     return Outcome(character.id, "built" if passed else "failed", reason, round(time.perf_counter() - t0, 1), passed,
-                   str(out_dir / character.id), note)
+                   str(out_dir / character.id), widened_note(keep, failed_widths))
 
 
-def failed_attempt(prune: Any) -> dict[str, Any]:
+def widened_note(keep: float, failed_widths: list[dict[str, Any]]) -> str:
+    """The summary's line for a character the width fallback widened ("" when its first width passed)."""
+    if not failed_widths:
+        return ""
+    return (f"FFN widened to {keep} after the quality gate failed at "
+            f"{', '.join(str(w['ffn_keep']) for w in failed_widths)}")
+
+
+def failed_width(prune: Any) -> dict[str, Any]:
     """What the report keeps of a width that failed the gate: its width, reasons and headline metrics."""
     m = prune.metrics
     return {"ffn_keep": m["ffn_keep"], "intermediate_size": m["intermediate_size"], "gate_reasons": prune.gate_reasons,
@@ -229,11 +235,11 @@ def build_roster(chardir: Path, out_dir: Path, preset: str = "default", override
         fresh, manifest = up_to_date(out_dir / ch.id, ch, config, base.sha256)
         if fresh and not force:
             passed = manifest["quality"].get("passed_gate")
-            widths = [str(w["ffn_keep"]) for w in manifest["quality"].get("failed_widths", [])]
+            quality = manifest["quality"]
             summary.outcomes.append(Outcome(
                 ch.id, "skipped" if passed else "failed", "" if passed else "quality gate failed (unchanged inputs): "
-                + "; ".join(manifest["quality"].get("gate_reasons", [])), 0.0, passed, str(out_dir / ch.id),
-                f"FFN widened after the quality gate failed at {', '.join(widths)}" if widths else ""))
+                + "; ".join(quality.get("gate_reasons", [])), 0.0, passed, str(out_dir / ch.id),
+                widened_note(quality.get("ffn_keep", config.ffn_keep), quality.get("failed_widths", []))))
             say(ch.id, "up to date")
             continue
         todo.append((ch, config))

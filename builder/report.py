@@ -203,9 +203,9 @@ def write_roster_report(dist: Path, ids: list[str], failures: dict[str, str]) ->
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
         s = data["size"]
-        widened = ", widened" if data["quality"].get("failed_widths") else ""
-        rows.append([data["name"], cid, data["precision"], f"{s['ffn_channels'] / s['base_ffn_channels']:.3g}{widened}",
-                     s["artifact_bytes"],
+        kept = f"{s['ffn_channels'] / s['base_ffn_channels']:.3g}" + (
+            ", widened" if data["quality"].get("failed_widths") else "")
+        rows.append([data["name"], cid, data["precision"], kept, s["artifact_bytes"],
                      round(s["artifact_bytes"] / s["dense_artifact_bytes"], 3), data["speed"]["decode_tokens_per_s"],
                      data["verification"].get("kl", ""), "passed" if data["quality"].get("passed_gate") else "failed"])
         sections.append(f'<section id="{html.escape(cid)}">{character_section(data, level=2)}</section>')

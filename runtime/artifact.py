@@ -63,6 +63,11 @@ class Artifact:
         return str(self.manifest["model"].get("precision", "fp32"))
 
     @property
+    def passed_gate(self) -> bool:
+        """The build's quality verdict (False: installed although it failed, the build's fallback turned off)."""
+        return bool(self.manifest.get("quality", {}).get("passed_gate", True))
+
+    @property
     def model_bytes(self) -> int:
         """Bytes of the ONNX graph and its external data file: what a session maps."""
         m = self.manifest["model"]

@@ -89,10 +89,9 @@ class NPCPool:
                 log.warning(self.problems[d.name])
                 continue
             self._artifacts[a.id] = a
-            quality = a.manifest.get("quality", {})
-            if quality.get("passed_gate") is False:  # built with ffn_keep_fallback off: served, but never silently
+            if not a.passed_gate:  # built with ffn_keep_fallback off: served, but never silently
                 log.warning("%s failed its quality gate at build time (%s); serving it anyway", a.id,
-                            "; ".join(quality.get("gate_reasons", [])) or "no reason recorded")
+                            "; ".join(a.manifest["quality"].get("gate_reasons", [])) or "no reason recorded")
             try:  # for listing only; the file is verified with the rest before the character is served
                 self._greetings[a.id] = str(read_character(a).get("greeting") or "")
             except ArtifactError:
@@ -104,7 +103,7 @@ class NPCPool:
         with self._lock:
             return [{"id": a.id, "name": a.name, "greeting": self._greetings[a.id], "loaded": a.id in self._models,
                      "pinned": a.id in self._models and self._models[a.id].pinned,
-                     "passed_gate": a.manifest.get("quality", {}).get("passed_gate", True)}
+                     "passed_gate": a.passed_gate}
                     for a in self._artifacts.values()]
 
     def _artifact(self, cid: str) -> Artifact:

@@ -133,8 +133,6 @@ def test_quantised_artifact_shares_packed_weights_through_the_container(tmp_path
     with NPCPool(tmp_path / "dist", threads=1) as pool:
         for char in chars:
             assert pool.chat(char.id, "s", "Hello!", max_tokens=8, **GREEDY).wait().completion_tokens >= 1
-        # the second character adds no tensor of its own: everything it maps is the first one's
-        assert pool.stats()["shared_tensors"]["count"] == len({t.sha256 for t in artifact.shared_tensors})
         shared = pool.stats()["shared_tensors"]
         assert shared["prepacked_container"] and shared["count"] == len({t.sha256 for t in artifact.shared_tensors})
         assert shared["references"] == 2 * len(artifact.shared_tensors)
