@@ -118,7 +118,12 @@ class BuildConfig:
     # --- quality gate (builder.evaluate) ---
     max_kl: float = 0.30  # KL(dense||pruned) per answer token above which a character fails the gate
     max_degeneration_increase: float = 0.10  # repeated n-gram rate may exceed dense by at most this
-    max_judge_drop: float = 0.10  # judge accuracy may trail dense by this; 40 held-out answers: 1 answer = 2.5 pts
+    max_judge_drop: float = 0.10  # judge accuracy may trail dense by this
+    # answers sampled per held-out query for the judge and the degeneration checks. At 40 answers one answer was
+    # 2.5 points, the difference's standard error 0.09, and single answers decided widths (docs/quality.md);
+    # 2 rounds bring it to ~0.064 for ~+250 CPU-s per evaluated width on a 2-core AVX2 CPU (the judge's
+    # forward passes under every reference persona, not the sampling, are most of it)
+    judge_samples: int = 2
 
     # --- machine ---
     threads: int = 0  # torch threads; 0 = all cores
@@ -165,10 +170,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # -0.05/-0.06/-0.05 on aldric (chosen there), magda, rosie. At `default` (64 steps of 4) 6e-5 gained nothing.
     # A failing `fast` character goes straight to the base FFN: on magda (AVX2 CPU, session 13) 0.875 cost 636
     # CPU-s more and still failed, on the judge by one answer of 40 (KL 0.332 -> 0.153), so a demo would pay twice.
+    # One judged round: the second costs more than the demo can spare, and fast never tries a middle width.
     "fast": dict(query_pool=160, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
                  n_train_queries=96, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
                  teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2, heal_lr=6e-5,
-                 n_generic_calibration=8, max_seq_len=192, ffn_keep_fallback=(1.0,)),
+                 n_generic_calibration=8, max_seq_len=192, ffn_keep_fallback=(1.0,), judge_samples=1),
     "default": {},
     # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups).
     # 64 mask steps, not 120: the mask's probe KL is lowest near step 40 and drifts from ~50 on (docs/quality.md)
@@ -224,7 +230,7 @@ def _validate(c: BuildConfig) -> None:
     for name in ("n_train_queries", "n_heldout_queries", "teacher_candidates", "teacher_max_tokens",
                  "mask_batch", "heal_batch", "max_seq_len", "channel_multiple", "quant_block_size",
                  "verify_prompts", "verify_tokens", "on_policy_refresh", "on_policy_pool", "generation_rows",
-                 "mask_eval_every"):
+                 "mask_eval_every", "judge_samples"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(c, name)}")
     for name in ("mask_steps", "heal_steps", "n_card_questions", "threads", "mask_probe"):

@@ -3,9 +3,10 @@
 Metrics (dense vs pruned):
 (a) teacher-forced KL(dense ‖ pruned) per token and cross-entropy on the dense model's in-character answers to the
     held-out queries (the primary metric), plus top-1 agreement;
-(b) persona judge on freshly sampled answers: the dense model's log-likelihood of each answer under every roster
-    character's system prompt; identified when its own persona ranks first (accuracy with its binomial standard
-    error, mean margin): at 40 answers one accuracy moves by ≈ 6 points with the samples drawn;
+(b) persona judge on freshly sampled answers (`judge_samples` per held-out query): the dense model's
+    log-likelihood of each answer under every roster character's system prompt; identified when its own persona
+    ranks first (accuracy with its binomial standard error, mean margin): at 40 answers one accuracy moves by
+    ≈ 6 points with the samples drawn;
 (c) degeneration of those answers: distinct-2, repeated 3-gram rate, prompt-echo rate;
 (d) perplexity on the card's own example dialogues (no system prompt, so nothing can be copied) and on held-back
     generic paragraphs;
@@ -47,9 +48,13 @@ def teacher_forced(dense, pruned, seqset: lm.SeqSet, batch: int, pad_id: int) ->
 
 
 def answers(model, tok, system: str, queries: list[str], config: BuildConfig, rows: int) -> list[str]:
-    """One sampled answer per query with the teacher's sampling settings and a fixed seed (same for every model)."""
-    return lm.sample_replies(model, tok, system, queries, config.teacher_max_tokens, config.teacher_temperature,
-                             config.teacher_top_p, rows, torch.Generator().manual_seed(config.seed + 7))
+    """`judge_samples` sampled answers per query (round after round: the queries in order, then again) with the
+    teacher's sampling settings and a fixed seed, the same for every model. Rounds share one generator, so the
+    first round is the same whatever `judge_samples` is."""
+    gen = torch.Generator().manual_seed(config.seed + 7)
+    return [text for _ in range(config.judge_samples)
+            for text in lm.sample_replies(model, tok, system, queries, config.teacher_max_tokens,
+                                          config.teacher_temperature, config.teacher_top_p, rows, gen)]
 
 
 def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: str, other_prompts: list[str],
@@ -70,12 +75,13 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
     prompts = [system] + other_prompts
     cache = {} if dense_cache is None else dense_cache
     sampling = (config.seed, config.teacher_max_tokens, config.teacher_temperature, config.teacher_top_p,
-                config.generation_rows)  # rows: the seeded batches
+                config.generation_rows, config.judge_samples)  # rows: the seeded batches
+    asked = queries * config.judge_samples  # the query of each answer, round after round
     for name, model in (("dense", dense), ("pruned", pruned)):
         key = (system, tuple(prompts), tuple(queries), sampling)
         if name == "pruned" or key not in cache:
             texts = answers(model, tok, system, queries, config, config.generation_rows)
-            side = judging.identification(persona_judge.loglik(prompts, list(zip(queries, texts))))
+            side = judging.identification(persona_judge.loglik(prompts, list(zip(asked, texts))))
             side.update(judging.degeneration(texts, system))
             side["_texts"] = texts
             if name == "dense":
@@ -85,7 +91,8 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
         for k, value in side.items():
             m[f"{k}_{name}"] = value
         p = m[f"judge_accuracy_{name}"]
-        m[f"judge_accuracy_se_{name}"] = math.sqrt(p * (1 - p) / max(len(queries), 1))
+        m[f"judge_accuracy_se_{name}"] = math.sqrt(p * (1 - p) / max(len(asked), 1))
+    m["judged_answers"] = len(asked)
     for label, seqset in (("examples", examples), ("generic", generic)):
         if seqset.seqs:
             tf = teacher_forced(dense, pruned, seqset, batch, pad)
@@ -111,7 +118,7 @@ def gate(m: dict, config: BuildConfig) -> tuple[bool, list[str]]:
         noise = ""
         if "judge_accuracy_se_pruned" in m and "judge_accuracy_se_dense" in m:  # say how sure one sample is
             se = math.hypot(m["judge_accuracy_se_pruned"], m["judge_accuracy_se_dense"])
-            noise = f" (standard error of the difference {se:.2f} at {m.get('heldout_queries', '?')} answers each)"
+            noise = f" (standard error of the difference {se:.2f} at {m.get('judged_answers', '?')} answers each)"
         reasons.append(f"judge accuracy {m['judge_accuracy_pruned']:.2f} < dense {m['judge_accuracy_dense']:.2f} "
                        f"- max_judge_drop {config.max_judge_drop}{noise}")
     return not reasons, reasons

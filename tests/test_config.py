@@ -33,6 +33,7 @@ def test_layers_apply_in_order():
     ({"ffn_keep_fallback": "1.0,0.875"}, "ffn_keep_fallback"),  # widths must widen
     ({"ffn_keep_fallback": "0.9,1.2"}, "ffn_keep_fallback"),
     ({"ffn_keep_fallback": "wide"}, "ffn_keep_fallback"),
+    ({"judge_samples": 0}, "judge_samples"),
 ])
 def test_bad_settings_name_the_field(layer, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):

@@ -9,7 +9,7 @@ import torch
 
 from builder import judge, lm
 from builder.basemodel import load_model
-from builder.evaluate import answers, drop_reduction, gate, teacher_forced
+from builder.evaluate import answers, drop_reduction, evaluate, gate, teacher_forced
 from tests.prunekit import tiny_config
 
 SYSTEM = ("You are Ottilie Marsh, the herbalist of Dunmarrow. She brews remedies from marsh plants, speaks softly, "
@@ -113,9 +113,9 @@ def test_echoing_and_looping_models_fail_the_gate(dense):
     assert not passed and len(reasons) == 2
     # with the judge's standard errors (evaluate adds them) the reason says how sure one sample of answers is
     passed, reasons = gate({**base, "judge_accuracy_pruned": 0.6, "repetition_pruned": 0.0, "echo_rate_pruned": 0.0,
-                            "judge_accuracy_se_dense": 0.06, "judge_accuracy_se_pruned": 0.08, "heldout_queries": 40},
+                            "judge_accuracy_se_dense": 0.06, "judge_accuracy_se_pruned": 0.08, "judged_answers": 80},
                            config)
-    assert not passed and reasons[0].endswith("(standard error of the difference 0.10 at 40 answers each)")
+    assert not passed and reasons[0].endswith("(standard error of the difference 0.10 at 80 answers each)")
     # a drop of exactly max_judge_drop passes, one answer more fails: accuracies as the judge counts them
     for dense, pruned in ((34, 30), (32, 28), (36, 32)):
         accuracy = [judge.identification(torch.tensor([[0.0, -1.0]] * n + [[-1.0, 0.0]] * (40 - n)))["judge_accuracy"]
@@ -124,6 +124,31 @@ def test_echoing_and_looping_models_fail_the_gate(dense):
         row = {**base, "repetition_pruned": 0.0, "echo_rate_pruned": 0.0, "judge_accuracy_dense": accuracy[0]}
         assert gate({**row, "judge_accuracy_pruned": accuracy[1]}, config) == (True, [])
         assert not gate({**row, "judge_accuracy_pruned": accuracy[2]}, config)[0]
+
+
+def test_judge_samples_rounds_extend_the_first(dense):
+    """More judged answers per query add rounds after the first, which stays what one round gives; evaluate
+    judges every answer and computes the standard error over all of them."""
+    model, tok = dense
+    queries = ["Do you have a cure?", "Who is sick?", "Where is the mine?"]
+    one = answers(model, tok, SYSTEM, queries, tiny_config(judge_samples=1), 2)
+    three = answers(model, tok, SYSTEM, queries, tiny_config(judge_samples=3), 2)
+    assert len(three) == 9 and three[:3] == one
+    assert three[3:6] != one  # later rounds are fresh samples, not copies
+
+    config = tiny_config(judge_samples=2)
+    heldout = [(q, "Willowbark tea, twice a day.") for q in queries]
+    other = "You are HALO-7, the cheerful station AI of the orbital research station Perihelion!"
+    empty = lm.SeqSet([])
+    cache: dict = {}
+    m = evaluate(model, copy.deepcopy(model), tok, judge.PersonaJudge(model, tok, 2), SYSTEM, [other], heldout,
+                 empty, empty, config, 2, cache)
+    assert m["heldout_queries"] == 3 and m["judged_answers"] == 6
+    # the same weights sample the same answers with the same seed: dense and pruned are judged alike
+    assert m["judge_accuracy_pruned"] == m["judge_accuracy_dense"] and m["repetition_pruned"] == m["repetition_dense"]
+    p = m["judge_accuracy_dense"]
+    assert m["judge_accuracy_se_dense"] == pytest.approx(math.sqrt(p * (1 - p) / 6))
+    assert len(cache) == 1 and len(next(iter(cache.values()))["_texts"]) == 6
 
 
 def test_judge_identification_and_drop_reduction():

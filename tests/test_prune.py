@@ -51,7 +51,8 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
                 "ppl_generic_pruned", "params_pruned"):
         assert key in m, key
     assert m["heldout_queries"] == config.n_heldout_queries and m["params_pruned"] < m["params_dense"]
-    p, n = m["judge_accuracy_pruned"], m["heldout_queries"]
+    assert m["judged_answers"] == config.n_heldout_queries * config.judge_samples
+    p, n = m["judge_accuracy_pruned"], m["judged_answers"]
     assert m["judge_accuracy_se_pruned"] == pytest.approx((p * (1 - p) / n) ** 0.5)
     assert result.passed_gate == (result.gate_reasons == [])
     assert len(result.samples) == 2 and set(result.samples[0]) == {"query", "dense", "pruned"}
