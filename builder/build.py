@@ -234,8 +234,8 @@ def build_roster(chardir: Path, out_dir: Path, preset: str = "default", override
             config = resolve_config(preset, ch.build, overrides, {"threads": max(1, (os.cpu_count() or 1) // jobs)})
         fresh, manifest = up_to_date(out_dir / ch.id, ch, config, base.sha256)
         if fresh and not force:
-            passed = manifest["quality"].get("passed_gate")
             quality = manifest["quality"]
+            passed = quality.get("passed_gate")
             summary.outcomes.append(Outcome(
                 ch.id, "skipped" if passed else "failed", "" if passed else "quality gate failed (unchanged inputs): "
                 + "; ".join(quality.get("gate_reasons", [])), 0.0, passed, str(out_dir / ch.id),

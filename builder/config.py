@@ -120,9 +120,10 @@ class BuildConfig:
     max_degeneration_increase: float = 0.10  # repeated n-gram rate may exceed dense by at most this
     max_judge_drop: float = 0.10  # judge accuracy may trail dense by this
     # answers sampled per held-out query for the judge and the degeneration checks. At 40 answers one answer was
-    # 2.5 points, the difference's standard error 0.09, and single answers decided widths (docs/quality.md);
-    # 2 rounds bring it to ~0.064 for ~+250 CPU-s per evaluated width on a 2-core AVX2 CPU (the judge's
-    # forward passes under every reference persona, not the sampling, are most of it)
+    # 2.5 points, the difference's standard error up to 0.09, and single answers decided widths; 2 rounds bring it
+    # to 0.05-0.065 for +392 CPU-s on a character's first width (aldric, 2-core AVX2 CPU), about half on a wider
+    # retry, whose dense side is cached; the judge's passes under every reference persona are most of it
+    # (docs/quality.md)
     judge_samples: int = 2
 
     # --- machine ---

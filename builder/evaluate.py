@@ -77,8 +77,8 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
     sampling = (config.seed, config.teacher_max_tokens, config.teacher_temperature, config.teacher_top_p,
                 config.generation_rows, config.judge_samples)  # rows: the seeded batches
     asked = queries * config.judge_samples  # the query of each answer, round after round
+    key = (system, tuple(prompts), tuple(queries), sampling)
     for name, model in (("dense", dense), ("pruned", pruned)):
-        key = (system, tuple(prompts), tuple(queries), sampling)
         if name == "pruned" or key not in cache:
             texts = answers(model, tok, system, queries, config, config.generation_rows)
             side = judging.identification(persona_judge.loglik(prompts, list(zip(asked, texts))))
