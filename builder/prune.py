@@ -153,6 +153,28 @@ def _context(roster: Any, base: BaseModel, config: BuildConfig) -> RosterContext
     return RosterContext.create(list(characters), base, config)
 
 
+def character_calibration(character: Character, ctx: RosterContext, config: BuildConfig,
+                          say: Callable[[str], None]) -> Calibration:
+    """The character's calibration data (training and held-out queries, teacher answers), from the context's
+    cache when its inputs are unchanged: several widths or methods of one character, and later builds with a
+    cache folder, share it."""
+    # what calibration reads besides the card: the settings, the contrast personas, the query corpus
+    contrast = references(character, ctx, max(config.n_reference_personas, config.judge_references))
+    key = (character.id, character.card_sha256, *(getattr(config, f) for f in CALIBRATION_FIELDS),
+           tuple(judge_prompt(r, config.user_name) for r in contrast),
+           hashlib.sha256("\n".join(ctx.queries).encode()).hexdigest())
+    if key not in ctx.calibrations:
+        ctx.calibrations[key] = calibrate(character, ctx, config, say)
+    return ctx.calibrations[key]
+
+
+def judge_prompts(character: Character, ctx: RosterContext, config: BuildConfig, system: str) -> list[str]:
+    """The persona judge's prompts: the character's own first, then the reference personas the sensitivity
+    filter contrasted it with, which the judge must tell it from."""
+    return [system] + [judge_prompt(r, config.user_name)
+                       for r in references(character, ctx, config.n_reference_personas)]
+
+
 def prune_character(character: Character, roster: Any, base: BaseModel, config: BuildConfig, workdir: Path,
                     progress: Callable[[str], None] | None = None) -> PruneResult:
     say = StageClock(progress or (lambda _m: None))
@@ -164,14 +186,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     torch.manual_seed(config.seed)
     tok, pad = ctx.tok, ctx.tok.pad_token_id
 
-    # what calibration reads besides the card: the settings, the contrast personas, the query corpus
-    contrast = references(character, ctx, max(config.n_reference_personas, config.judge_references))
-    key = (character.id, character.card_sha256, *(getattr(config, f) for f in CALIBRATION_FIELDS),
-           tuple(judge_prompt(r, config.user_name) for r in contrast),
-           hashlib.sha256("\n".join(ctx.queries).encode()).hexdigest())
-    if key not in ctx.calibrations:  # several widths or methods of one character share their calibration data
-        ctx.calibrations[key] = calibrate(character, ctx, config, say)
-    cal: Calibration = ctx.calibrations[key]
+    cal = character_calibration(character, ctx, config, say)
     rng = random.Random(config.seed)
     persona = persona_seqs(tok, cal, character, config, rng)
     generic = generic_seqs(tok, ctx.generic_train, config.n_generic_calibration, config.max_seq_len)
@@ -213,10 +228,9 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
 
     say(f"evaluate: {len(cal.heldout)} held-out queries, dense vs pruned")
     pruned = copy.deepcopy(student).to(device=ctx.model.device, dtype=ctx.model.dtype)
-    # the judge tells the character from the same reference personas the sensitivity filter contrasted it with
-    others = [judge_prompt(r, config.user_name) for r in references(character, ctx, config.n_reference_personas)]
     n_eval_generic = len(ctx.generic_eval)
-    metrics = evaluate(ctx.model, pruned, tok, ctx.judge, cal.system, others,
+    metrics = evaluate(ctx.model, pruned, tok, ctx.judge, cal.system,
+                       judge_prompts(character, ctx, config, cal.system)[1:],
                        [(e.query, e.answers[0]) for e in cal.heldout], example_seqs(tok, character, config),
                        generic_seqs(tok, ctx.generic_eval, n_eval_generic, config.max_seq_len), config,
                        config.forward_batch, ctx.dense_evals)
