@@ -1,13 +1,14 @@
 """Player-side quality benchmark: what the shipped artifacts say, through the runtime, dense against pruned.
 
 Usage: python bench/player.py CHARDIR DIST [--characters a,b] [--samples 2] [--sampling runtime,builder]
-           [--cache DIR] [--base PATH] [--threads 2] [--json]
+           [--seed 0] [--cache DIR] [--base PATH] [--threads 2] [--json]
 bench/quality.py measures the pruned torch checkpoint, sampled the way the build's evaluation samples. A game gets
 the int8 ONNX artifact, decoded by `runtime.NPCPool` at the runtime's default sampling (top-k 40, repetition
 penalty 1.1). For every character with an artifact in DIST, the base model is exported for that character with
 the artifact's own settings (cached under $NPCFORGE_HOME/bench/player), and both answer the character's held-out
-queries through NPCPool, `--samples` seeded answers per query. The held-out queries are the build's: its
-calibration is read from DIST/.cache (or `--cache`), and computed when missing, at a build's calibration cost.
+queries through NPCPool, `--samples` seeded answers per query, with the same seeds on both sides (`--seed`
+draws another set). The held-out queries are the build's: its calibration is read from DIST/.cache (or
+`--cache`), and computed when missing, at a build's calibration cost.
 The dense torch model judges every answer as the build's evaluation does (builder.judge: identified when the
 character's own persona ranks first among the reference personas), and the degeneration checks run on it.
 Samplings: `runtime` (RuntimeConfig's defaults) and `builder` (the evaluation's: no top-k, no repetition penalty).
@@ -54,10 +55,11 @@ def dense_dist(character: Character, config_dict: dict, base: BaseModel) -> Path
 
 
 def answers(dist: Path, cid: str, queries: list[str], samples: int, max_tokens: int, sampling: str,
-            threads: int) -> list[str]:
-    """`samples` seeded replies per query, round after round, each in a fresh conversation."""
+            threads: int, seed: int) -> list[str]:
+    """`samples` seeded replies per query, round after round, each in a fresh conversation; both sides of a
+    comparison draw with the same seeds."""
     with runtime.NPCPool(dist, threads=threads) as pool:
-        return [pool.chat(cid, f"q{i}-r{r}", q, max_tokens=max_tokens, seed=1000 * r + i,
+        return [pool.chat(cid, f"q{i}-r{r}", q, max_tokens=max_tokens, seed=seed + 1000 * r + i,
                           **SAMPLINGS[sampling][0]).wait().text.strip()
                 for r in range(samples) for i, q in enumerate(queries)]
 
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
             row: dict = {"character": ch.id, "sampling": sampling, "answers": len(asked), "ffn_keep": keep}
             for side, dist in dists.items():
                 start = time.time()
-                texts = answers(dist, ch.id, queries, args.samples, config.teacher_max_tokens, sampling, args.threads)
+                texts = answers(dist, ch.id, queries, args.samples, config.teacher_max_tokens, sampling, args.threads,
+                                args.seed)
                 decoded = time.time() - start
                 m = identification(ctx.judge.loglik(prompts, list(zip(asked, texts))))
                 m.update(degeneration(texts, cal.system))
@@ -101,14 +104,15 @@ def run(args: argparse.Namespace) -> dict:
                          row["judge_accuracy_dense"], row["judge_accuracy_pruned"], row["repetition_dense"],
                          row["repetition_pruned"])
             rows.append(row)
-    return {"dist": str(args.dist), "samples": args.samples, "rows": rows}
+    return {"dist": str(args.dist), "samples": args.samples, "seed": args.seed, "rows": rows}
 
 
 def print_tables(result: dict) -> None:
     for sampling in dict.fromkeys(r["sampling"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["sampling"] == sampling]
-        print(f"\nSampling `{sampling}` ({SAMPLINGS[sampling][1]}): dense / pruned, {result['samples']} answers per "
-              "held-out query")
+        n = result["samples"]
+        print(f"\nSampling `{sampling}` ({SAMPLINGS[sampling][1]}): dense / pruned, {n} answer{'s' * (n != 1)} per "
+              f"held-out query, seed {result['seed']}")
         print("| character | keep | " + " | ".join(c[1] for c in COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 2))
         for r in rows:
             cells = [f"{fmt.format(r[k + '_dense'])} / {fmt.format(r[k + '_pruned'])}" for k, _, fmt in COLUMNS]
@@ -126,6 +130,7 @@ def main() -> None:
     p.add_argument("--characters", default="", help="comma-separated character ids (default: every one built)")
     p.add_argument("--samples", type=int, default=2, help="answers per held-out query (the build judges 2)")
     p.add_argument("--sampling", default="runtime,builder", help=f"comma-separated, of: {', '.join(SAMPLINGS)}")
+    p.add_argument("--seed", type=int, default=0, help="added to every answer's seed: another set of samples")
     p.add_argument("--cache", type=Path, default=None, help="calibration cache (default: DIST/.cache)")
     p.add_argument("--base", default=None, help="base model folder (default: the provisioned default model)")
     p.add_argument("--threads", type=int, default=2)
