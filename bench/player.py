@@ -33,7 +33,7 @@ from builder.basemodel import BaseModel, ensure_base_model, npcforge_home  # noq
 from builder.cards import Character, load_roster  # noqa: E402
 from builder.config import resolve_config  # noqa: E402
 from builder.judge import degeneration, identification  # noqa: E402
-from builder.prune import RosterContext, character_calibration, judge_prompts  # noqa: E402
+from builder.prune import RosterContext, character_calibration, reference_prompts  # noqa: E402
 
 # name -> (per-call overrides of runtime.RuntimeConfig, what they mean); `builder` matches the build's evaluation
 # sampling, whose temperature and top-p are the runtime's defaults too
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
         cal = character_calibration(ch, ctx, config, lambda line: logging.info("%s %s", ch.id, line))
         queries = [e.query for e in cal.heldout]
         asked = queries * args.samples
-        prompts = judge_prompts(ch, ctx, config, cal.system)
+        prompts = [cal.system] + reference_prompts(ch, ctx, config)  # own persona first, as evaluate's
         dists = {"dense": dense_dist(ch, manifest["builder"]["config"], base), "pruned": args.dist}
         # the width that shipped: a character the gate widened keeps the asked ffn_keep in builder.config
         keep = manifest["model"]["intermediate_size"] / manifest["model"]["base_intermediate_size"]

@@ -168,11 +168,10 @@ def character_calibration(character: Character, ctx: RosterContext, config: Buil
     return ctx.calibrations[key]
 
 
-def judge_prompts(character: Character, ctx: RosterContext, config: BuildConfig, system: str) -> list[str]:
-    """The persona judge's prompts: the character's own first, then the reference personas the sensitivity
-    filter contrasted it with, which the judge must tell it from."""
-    return [system] + [judge_prompt(r, config.user_name)
-                       for r in references(character, ctx, config.n_reference_personas)]
+def reference_prompts(character: Character, ctx: RosterContext, config: BuildConfig) -> list[str]:
+    """The system prompts the persona judge must tell the character from: the reference personas the
+    sensitivity filter contrasted it with."""
+    return [judge_prompt(r, config.user_name) for r in references(character, ctx, config.n_reference_personas)]
 
 
 def prune_character(character: Character, roster: Any, base: BaseModel, config: BuildConfig, workdir: Path,
@@ -229,8 +228,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     say(f"evaluate: {len(cal.heldout)} held-out queries, dense vs pruned")
     pruned = copy.deepcopy(student).to(device=ctx.model.device, dtype=ctx.model.dtype)
     n_eval_generic = len(ctx.generic_eval)
-    metrics = evaluate(ctx.model, pruned, tok, ctx.judge, cal.system,
-                       judge_prompts(character, ctx, config, cal.system)[1:],
+    metrics = evaluate(ctx.model, pruned, tok, ctx.judge, cal.system, reference_prompts(character, ctx, config),
                        [(e.query, e.answers[0]) for e in cal.heldout], example_seqs(tok, character, config),
                        generic_seqs(tok, ctx.generic_eval, n_eval_generic, config.max_seq_len), config,
                        config.forward_batch, ctx.dense_evals)
