@@ -257,16 +257,16 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
 
         def linear(x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, shared: bool,
                    quantize: bool = True, nbits: int = bits, hessian: np.ndarray | None = None,
-                   ffn: bool = False) -> str:
+                   ffn: bool = False, block: int | None = None) -> str:
             n, k = weight.shape
             if nbits and quantize:
                 b = g.weight(f"{name}.bias", bias, shared) if bias is not None else None
                 def own(field: str) -> int:  # a character's FFN may set its own, else the trunk's
                     return config.ffn_setting(field) if ffn else getattr(config, field)
 
-                level, block = own("accuracy_level"), own("quant_block_size")
-                return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian, block), n, k, b, nbits, level,
-                                    block)
+                level, width = own("accuracy_level"), block or own("quant_block_size")
+                return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian, width), n, k, b, nbits, level,
+                                    width)
             y = g.node("MatMul", [x, g.weight(f"{name}.weight_t", weight.T, shared)])[0]
             return g.node("Add", [y, g.weight(f"{name}.bias", bias, shared)])[0] if bias is not None else y
 
@@ -284,9 +284,11 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
         tied = cfg.get("tie_word_embeddings", False) or "lm_head.weight" not in w
         # Tied and quantised: the embedding rows are dequantised from the lm_head's own MatMulNBits blocks, so the
         # artifact stores the vocabulary table once (no fp32 copy: -113 MB on SmolLM2-135M).
-        embed_q = store_q("model.embed_tokens", embed, True) if bits and config.quantize_lm_head and tied else None
+        vocab_block = config.lm_head_block_size
+        embed_q = store_q("model.embed_tokens", embed, True, block=vocab_block) \
+            if bits and config.quantize_lm_head and tied else None
         if embed_q:
-            resid = _dequant_rows(g, embed_q, "input_ids", bits, config.quant_block_size, H)
+            resid = _dequant_rows(g, embed_q, "input_ids", bits, vocab_block, H)
         else:
             resid = g.node("Gather", [g.weight("model.embed_tokens.weight", embed, True), "input_ids"])[0]
         h = g.node("SimplifiedLayerNormalization",
@@ -340,10 +342,10 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                        [down_last, resid_last, g.weight("model.norm.weight", get("model.norm.weight"), True)],
                        n_out=1, domain="com.microsoft", epsilon=eps)[0]
         if embed_q:
-            matmul_nbits(final, embed_q, V, H)
+            matmul_nbits(final, embed_q, V, H, block=vocab_block)
         else:
             linear(final, "lm_head", embed if tied else get("lm_head.weight"), None, True,
-                   quantize=config.quantize_lm_head)
+                   quantize=config.quantize_lm_head, block=vocab_block)
         g.nodes[-1].output[0] = "logits"
 
     def vinfo(name: str, elem: int, dims: list[Any]) -> onnx.ValueInfoProto:

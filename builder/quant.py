@@ -1,5 +1,7 @@
 """Block quantisation in MatMulNBits' layout: a (N, K) weight in blocks of `block` input columns, each block with
-its own scale and zero point (asymmetric, zero always representable), codes of 4 or 8 bits.
+its own scale and zero point, codes of 4 or 8 bits. A block's grid spans its min and max (asymmetric, zero always
+representable), unless the block already lies on a symmetric grid, GGUF's Q8_0 layout: SmolLM2's vocabulary table
+comes from its GGUF as Q8_0, and at int8 with 32-wide blocks it is stored exactly.
 
 `quantize_blocks` rounds every weight to its block's grid; `builder.gptq` chooses the codes with error
 compensation and packs them with the same helpers. `dequantize_blocks` is the inverse, for tests and checks.
@@ -25,13 +27,20 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, n
 
 
 def block_grid(wb: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (uint8) of each block of wb (..., block): min/max, zero representable."""
-    qmax = (1 << bits) - 1
+    """Scale (float32) and zero point (uint8) of each block of wb (..., block): min/max with zero representable,
+    except a block whose values already lie on the symmetric grid (zero point 2^(bits-1), ±amax at
+    ±(2^(bits-1) - 1)), which keeps that grid and is stored exactly."""
+    qmax, mid = (1 << bits) - 1, 1 << (bits - 1)
     lo = np.minimum(wb.min(axis=-1), 0.0)
     hi = np.maximum(wb.max(axis=-1), 0.0)
     scale = ((hi - lo) / qmax).astype(np.float32)
     scale[scale == 0] = 1.0
-    return scale, np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
+    zp = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
+    sym_scale = (np.maximum(hi, -lo) / (mid - 1)).astype(np.float32)
+    sym_scale[sym_scale == 0] = 1.0
+    codes = wb / sym_scale[..., None]
+    exact = np.all(codes == np.round(codes), axis=-1)
+    return np.where(exact, sym_scale, scale), np.where(exact, np.uint8(mid), zp)
 
 
 def quantize_to_grid(wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:

@@ -81,17 +81,34 @@ def test_quantised_exports_stay_close(tiny_base: Path, tmp_path: Path, precision
     assert result.data_file.stat().st_size < fp32_size
 
 
-@pytest.mark.parametrize("bits,k,block", [(8, 96, 32), (4, 96, 32), (4, 80, 32), (8, 40, 16), (4, 64, 64)])
-def test_block_packing_is_what_matmulnbits_computes(bits: int, k: int, block: int) -> None:
-    """accuracy_level 0 computes in fp32 from the dequantised weight: ours must be exactly that weight."""
+def _q8_0_weight(rng: np.random.RandomState, n: int, k: int) -> np.ndarray:
+    """A weight as GGUF's Q8_0 stores it and transformers dequantises it: fp16 scale × int8 code per 32 columns."""
+    d = (rng.rand(n, k // 32, 1) * 0.02 + 1e-3).astype(np.float16).astype(np.float32)
+    q = rng.randint(-127, 128, size=(n, k // 32, 32))
+    q[:, :, 0] = 127 * rng.choice([-1, 1], size=(n, k // 32))  # Q8_0 maps each block's amax to ±127
+    return (d * q).reshape(n, k).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,k,block,q8_0", [(8, 96, 32, False), (4, 96, 32, False), (4, 80, 32, False),
+                                               (8, 40, 16, False), (4, 64, 64, False), (8, 96, 32, True)])
+def test_block_packing_is_what_matmulnbits_computes(bits: int, k: int, block: int, q8_0: bool) -> None:
+    """accuracy_level 0 computes in fp32 from the dequantised weight: ours must be exactly that weight. A weight
+    already on a Q8_0 grid (SmolLM2's vocabulary table) is stored without error."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.RandomState(bits * k)
     n = 24
-    w = rng.randn(n, k).astype(np.float32)
+    w = _q8_0_weight(rng, n, k) if q8_0 else rng.randn(n, k).astype(np.float32)
     packed, scales, zp = quantize_blocks(w, bits, block)
     deq = dequantize_blocks(packed, scales, zp, bits, k)
     assert np.abs(deq - w).max() <= scales.max() * 0.5 + 1e-6  # round-to-nearest within half a step
+    if q8_0:
+        np.testing.assert_array_equal(deq, w)
+        assert (zp == 128).all()
+        wide = quantize_blocks(w, bits, 64)  # two Q8_0 blocks per block: no longer one grid
+        assert np.abs(dequantize_blocks(*wide, bits, k) - w).max() > 0
+    else:
+        assert (zp != (128 if bits == 8 else 0x88)).any()  # off-grid weights keep the min/max grid
     node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=block, accuracy_level=0)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
@@ -224,6 +241,15 @@ def test_real_base_model_default_export_is_faithful(tmp_path: Path, roster_dir: 
     verification = verify_export(base.path, result.model_file, prompts, config)
     assert verification.passed and verification.kl < 0.02 and verification.top1_agreement >= 0.9, verification
     assert result.data_file.stat().st_size < 0.3 * (base.path / "model.safetensors").stat().st_size
+    # the vocabulary table came from the GGUF as Q8_0: the artifact holds it bit for bit
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    inits = {t.name: t for t in onnx.load(str(result.model_file)).graph.initializer}
+    q, s, z = (numpy_helper.to_array(inits[f"model.embed_tokens.{n}"]) for n in ("qweight", "scales", "zero_points"))
+    table = load_file(str(base.path / "model.safetensors"))["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(dequantize_blocks(q, s, z, 8, table.shape[1]), table)
 
 
 def test_ffn_precision_narrows_only_the_characters_own_weights(tiny_base: Path, tmp_path: Path) -> None:
@@ -261,10 +287,12 @@ def test_ffn_accuracy_level_and_block_size_set_only_the_ffn_nodes(tiny_base: Pat
         return {n.input[1].rsplit(".", 1)[0]: helper.get_attribute_value(next(a for a in n.attribute if a.name == name))
                 for n in nodes}
 
-    for name, ffn, trunk in (("accuracy_level", 0, config.accuracy_level),
-                             ("block_size", 32, config.quant_block_size)):
+    for name, ffn, trunk, vocab in (("accuracy_level", 0, config.accuracy_level, config.accuracy_level),
+                                    ("block_size", 32, config.quant_block_size, config.lm_head_block_size)):
         assert {v for k, v in attrs(name).items() if ".mlp." in k} == {ffn}
-        assert {v for k, v in attrs(name).items() if ".mlp." not in k} == {trunk}
+        assert {v for k, v in attrs(name).items() if ".self_attn." in k} == {trunk}
+        assert attrs(name)["model.embed_tokens"] == vocab  # the tied vocabulary projection has its own blocks
+    assert config.lm_head_block_size != config.quant_block_size  # so the line above can tell them apart
     # the stored blocks follow the attribute: one scale per 32 input columns of the FFN's own weights
     scales = {t.name: t.shape for t in result.tensors if t.name.endswith("mlp.down_proj.scales")}
     k_down = json.loads((tiny_base / "config.json").read_text())["intermediate_size"]
