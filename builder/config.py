@@ -129,6 +129,13 @@ class BuildConfig:
     # retry, whose dense side is cached; the judge's passes under every reference persona are most of it
     # (docs/quality.md)
     judge_samples: int = 2
+    # more rounds, up to this many, while the judge's dense - pruned difference lies within `judge_confidence`
+    # standard errors of max_judge_drop: 80 answers passed aldric at a 5-point drop that 480 answers put at 13.6
+    # (docs/quality.md, session 18). A round costs ~420 CPU-s on this CPU; only borderline characters pay it
+    judge_max_samples: int = 4
+    # 1.645: a verdict stands once the line lies outside the difference's 90 % interval. At 1.0 aldric's 5.0 +/- 4.7
+    # points passed on 80 answers; at 1.645 two more rounds failed him at 10.6 +/- 3.4 (session 19)
+    judge_confidence: float = 1.645
 
     # --- machine ---
     threads: int = 0  # torch threads; 0 = all cores
@@ -175,11 +182,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # -0.05/-0.06/-0.05 on aldric (chosen there), magda, rosie. At `default` (64 steps of 4) 6e-5 gained nothing.
     # A failing `fast` character goes straight to the base FFN: on magda (AVX2 CPU, session 13) 0.875 cost 636
     # CPU-s more and still failed, on the judge by one answer of 40 (KL 0.332 -> 0.153), so a demo would pay twice.
-    # One judged round: the second costs more than the demo can spare, and fast never tries a middle width.
+    # One judged round and no more: a second costs more than the demo can spare, and fast never tries a middle width.
     "fast": dict(query_pool=160, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
                  n_train_queries=96, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
                  teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2, heal_lr=6e-5,
-                 n_generic_calibration=8, max_seq_len=192, ffn_keep_fallback=(1.0,), judge_samples=1),
+                 n_generic_calibration=8, max_seq_len=192, ffn_keep_fallback=(1.0,), judge_samples=1,
+                 judge_max_samples=1),
     "default": {},
     # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups).
     # 64 mask steps, not 120: the mask's probe KL is lowest near step 40 and drifts from ~50 on (docs/quality.md)
@@ -231,12 +239,14 @@ def _validate(c: BuildConfig) -> None:
         raise ConfigError(f"dtype: {c.dtype!r} is not 'auto', 'bf16' or 'fp32'")
     if not c.refit_ridges or min(c.refit_ridges) <= 0:
         raise ConfigError(f"refit_ridges: need one or more positive values, got {c.refit_ridges}")
+    if c.judge_confidence < 0:
+        raise ConfigError(f"judge_confidence: {c.judge_confidence} standard errors must not be negative")
     if c.refit_folds < 2:
         raise ConfigError(f"refit_folds: cross-validation needs at least 2 folds, got {c.refit_folds}")
     for name in ("n_train_queries", "n_heldout_queries", "teacher_candidates", "teacher_max_tokens",
                  "mask_batch", "heal_batch", "max_seq_len", "channel_multiple", "quant_block_size",
                  "verify_prompts", "verify_tokens", "on_policy_refresh", "on_policy_pool", "generation_rows",
-                 "mask_eval_every", "judge_samples"):
+                 "mask_eval_every", "judge_samples", "judge_max_samples"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(c, name)}")
     for name in ("mask_steps", "heal_steps", "n_card_questions", "threads", "mask_probe"):

@@ -97,8 +97,20 @@ def identification(scores: torch.Tensor, own: int = 0) -> dict[str, float]:
     margin of own over the best other persona (nats per token)."""
     if scores.numel() == 0 or scores.shape[1] < 2:
         return {"judge_accuracy": 0.0, "judge_margin": 0.0}
-    others = torch.cat([scores[:, :own], scores[:, own + 1:]], dim=1).max(dim=1).values
-    margin = scores[:, own] - others
+    margin = _margin(scores, own)
     # a count over the answers, not a float32 mean: 34/40 must be 0.85, not 0.8500000238, or the gate's
     # "may trail dense by 10 points" fails a drop of exactly 4 answers in 40
     return {"judge_accuracy": int((margin > 0).sum()) / len(margin), "judge_margin": float(margin.mean())}
+
+
+def identified(scores: torch.Tensor, own: int = 0) -> torch.Tensor:
+    """(answers,) bool: does the answer's own persona rank first?"""
+    if scores.numel() == 0 or scores.shape[1] < 2:
+        return torch.zeros(scores.shape[0], dtype=torch.bool)
+    return _margin(scores, own) > 0
+
+
+def _margin(scores: torch.Tensor, own: int) -> torch.Tensor:
+    """Own persona's log-likelihood minus the best other persona's, per answer."""
+    others = torch.cat([scores[:, :own], scores[:, own + 1:]], dim=1).max(dim=1).values
+    return scores[:, own] - others

@@ -31,7 +31,7 @@ from builder.calibration import (Calibration, Persona, calibrate, calibration_fr
                                  load_paragraphs, load_queries, load_reference_personas, persona_seqs, references)
 from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
-from builder.evaluate import evaluate, gate
+from builder.evaluate import JudgedAnswers, evaluate, gate
 from builder.gptq import ffn_hessians, save_hessians, wanted as gptq_wanted
 from builder.heal import heal, reply_source
 from builder.judge import PersonaJudge
@@ -87,7 +87,8 @@ class RosterContext:
             salt = f"{base.sha256}:{dtype}:{config.device}"
             ctx.calibrations = DiskCache(Path(cache_dir) / "calibration", salt, asdict,
                                          calibration_from_json)
-            ctx.dense_evals = DiskCache(Path(cache_dir) / "dense-eval", salt)
+            ctx.dense_evals = DiskCache(Path(cache_dir) / "dense-eval", salt, JudgedAnswers.to_json,
+                                        JudgedAnswers.from_json)
         ctx.cpu_seconds = time.process_time() - start
         return ctx
 

@@ -34,6 +34,8 @@ def test_layers_apply_in_order():
     ({"ffn_keep_fallback": "0.9,1.2"}, "ffn_keep_fallback"),
     ({"ffn_keep_fallback": "wide"}, "ffn_keep_fallback"),
     ({"judge_samples": 0}, "judge_samples"),
+    ({"judge_max_samples": 0}, "judge_max_samples"),
+    ({"judge_confidence": -1}, "judge_confidence"),
 ])
 def test_bad_settings_name_the_field(layer, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):

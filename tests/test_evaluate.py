@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -9,9 +10,12 @@ import torch
 
 from builder import judge, lm
 from builder.basemodel import load_model
-from builder.evaluate import answers, drop_reduction, evaluate, gate, teacher_forced
+from builder.buildcache import DiskCache
+from builder.evaluate import (JudgedAnswers, answer_round, drop_reduction, drop_se, evaluate, gate, sampler,
+                              teacher_forced)
 from tests.prunekit import tiny_config
 
+OTHER = "You are HALO-7, the cheerful station AI of the orbital research station Perihelion!"
 SYSTEM = ("You are Ottilie Marsh, the herbalist of Dunmarrow. She brews remedies from marsh plants, speaks softly, "
           "and worries about the sickness spreading through the mining families since the Lantern Mine closed.")
 
@@ -95,8 +99,8 @@ def test_echoing_and_looping_models_fail_the_gate(dense):
     queries = ["Do you have a cure?", "Who is sick?"]
     echo_ids = tok(" She brews remedies from marsh plants, speaks softly, and worries about", add_special_tokens=False)
     loop_ids = tok(" the fever", add_special_tokens=False)
-    echo = answers(_Parrot(model, echo_ids["input_ids"] + [2]), tok, SYSTEM, queries, config, 2)
-    loop = answers(_Parrot(model, loop_ids["input_ids"]), tok, SYSTEM, queries, config, 2)
+    echo = answer_round(_Parrot(model, echo_ids["input_ids"] + [2]), tok, SYSTEM, queries, config, 2, sampler(config))
+    loop = answer_round(_Parrot(model, loop_ids["input_ids"]), tok, SYSTEM, queries, config, 2, sampler(config))
     assert all(judge.echoes(t, SYSTEM) for t in echo), echo
     assert all(judge.repetition_rate(t) > 0.5 for t in loop)
     base = {"kl": 0.05, "judge_accuracy_dense": 0.8, "judge_accuracy_pruned": 0.8,
@@ -111,11 +115,10 @@ def test_echoing_and_looping_models_fail_the_gate(dense):
     passed, reasons = gate({**base, "kl": 9.0, "judge_accuracy_pruned": 0.5, "repetition_pruned": 0.0,
                             "echo_rate_pruned": 0.0}, config)
     assert not passed and len(reasons) == 2
-    # with the judge's standard errors (evaluate adds them) the reason says how sure one sample of answers is
+    # with the judge's standard error (evaluate adds it) the reason says how sure the answers drawn are
     passed, reasons = gate({**base, "judge_accuracy_pruned": 0.6, "repetition_pruned": 0.0, "echo_rate_pruned": 0.0,
-                            "judge_accuracy_se_dense": 0.06, "judge_accuracy_se_pruned": 0.08, "judged_answers": 80},
-                           config)
-    assert not passed and reasons[0].endswith("(standard error of the difference 0.10 at 80 answers each)")
+                            "judge_drop_se": 0.055, "judged_answers": 80}, config)
+    assert not passed and reasons[0].endswith("(standard error of the difference 0.06 over 80 paired answers)")
     # a drop of exactly max_judge_drop passes, one answer more fails: accuracies as the judge counts them
     for dense, pruned in ((34, 30), (32, 28), (36, 32)):
         accuracy = [judge.identification(torch.tensor([[0.0, -1.0]] * n + [[-1.0, 0.0]] * (40 - n)))["judge_accuracy"]
@@ -128,27 +131,89 @@ def test_echoing_and_looping_models_fail_the_gate(dense):
 
 def test_judge_samples_rounds_extend_the_first(dense):
     """More judged answers per query add rounds after the first, which stays what one round gives; evaluate
-    judges every answer and computes the standard error over all of them."""
+    judges every answer and computes the standard errors over all of them."""
     model, tok = dense
     queries = ["Do you have a cure?", "Who is sick?", "Where is the mine?"]
-    one = answers(model, tok, SYSTEM, queries, tiny_config(judge_samples=1), 2)
-    three = answers(model, tok, SYSTEM, queries, tiny_config(judge_samples=3), 2)
+    config = tiny_config(judge_samples=2, judge_max_samples=2)
+    rows = config.generation_rows  # as evaluate draws them
+    one = answer_round(model, tok, SYSTEM, queries, config, rows, sampler(config))
+    gen = sampler(config)
+    three = [t for _ in range(3) for t in answer_round(model, tok, SYSTEM, queries, config, rows, gen)]
     assert len(three) == 9 and three[:3] == one
     assert three[3:6] != one  # later rounds are fresh samples, not copies
 
-    config = tiny_config(judge_samples=2)
     heldout = [(q, "Willowbark tea, twice a day.") for q in queries]
-    other = "You are HALO-7, the cheerful station AI of the orbital research station Perihelion!"
     empty = lm.SeqSet([])
     cache: dict = {}
-    m = evaluate(model, copy.deepcopy(model), tok, judge.PersonaJudge(model, tok, 2), SYSTEM, [other], heldout,
+    m = evaluate(model, copy.deepcopy(model), tok, judge.PersonaJudge(model, tok, 2), SYSTEM, [OTHER], heldout,
                  empty, empty, config, 2, cache)
-    assert m["heldout_queries"] == 3 and m["judged_answers"] == 6
+    assert m["heldout_queries"] == 3 and m["judged_answers"] == 6 and m["judge_rounds"] == 2
     # the same weights sample the same answers with the same seed: dense and pruned are judged alike
     assert m["judge_accuracy_pruned"] == m["judge_accuracy_dense"] and m["repetition_pruned"] == m["repetition_dense"]
+    assert m["judge_drop_se"] == 0.0  # every paired answer agrees
     p = m["judge_accuracy_dense"]
     assert m["judge_accuracy_se_dense"] == pytest.approx(math.sqrt(p * (1 - p) / 6))
-    assert len(cache) == 1 and len(next(iter(cache.values()))["_texts"]) == 6
+    (side,) = cache.values()
+    assert isinstance(side, JudgedAnswers) and side.texts == three[:6] and side.scores.shape == (6, 2)
+
+
+def test_a_borderline_judge_draws_more_rounds(dense, tmp_path):
+    """A dense - pruned difference within judge_confidence standard errors of max_judge_drop draws more rounds,
+    up to judge_max_samples; a clear one does not. The dense side's rounds are kept and reused."""
+    model, tok = dense
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in pruned.model.layers[0].mlp.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    queries = ["Do you have a cure?", "Who is sick?", "Where is the mine?", "Can I trust you?", "What do you sell?",
+               "Tell me about the Lantern Mine.", "Is the fever spreading?", "Who runs this town?"]
+    heldout = [(q, "Willowbark tea, twice a day.") for q in queries]
+    empty = lm.SeqSet([])
+    persona_judge = judge.PersonaJudge(model, tok, 4)
+
+    def run(cache, **over):
+        config = tiny_config(**{"teacher_max_tokens": 12, **over})
+        return evaluate(model, pruned, tok, persona_judge, SYSTEM, [OTHER], heldout, empty, empty, config, 4, cache)
+
+    cache: dict = {}
+    first = run(cache, judge_samples=1, judge_max_samples=1)
+    drop = first["judge_accuracy_dense"] - first["judge_accuracy_pruned"]
+    assert first["judge_rounds"] == 1 and first["judge_drop_se"] > 0, "the perturbation must change some verdicts"
+    # the gate's line at the measured difference and a wide margin: too close to call until the cap
+    wide = run(cache, judge_samples=1, judge_max_samples=3, max_judge_drop=drop, judge_confidence=100.0)
+    assert wide["judge_rounds"] == 3 and wide["judged_answers"] == 3 * len(queries)
+    assert wide["samples"] == first["samples"]  # the first round is the one a single round draws
+    # the statistics are those of all answers drawn
+    (side,) = cache.values()
+    assert len(side.texts) == 3 * len(queries)
+    assert wide["judge_accuracy_dense"] == judge.identification(side.scores)["judge_accuracy"]
+    hits = judge.identified(side.scores)
+    assert wide["judge_drop_se"] == pytest.approx(drop_se(hits, judge.identified(
+        _pruned_scores(pruned, tok, persona_judge, queries, 3))))
+    # far from the line, or with no margin asked for, one round decides
+    assert run(cache, judge_samples=1, judge_max_samples=3, max_judge_drop=drop + 1.0)["judge_rounds"] == 1
+    assert run(cache, judge_samples=1, judge_max_samples=3, max_judge_drop=drop, judge_confidence=0.0)[
+        "judge_rounds"] == 1
+    assert len(side.texts) == 3 * len(queries)  # nothing drawn twice for dense
+
+    # the build cache on disk keeps the dense rounds and the generator's state: a later build (a new process)
+    # that needs more rounds draws the ones a single run would have drawn
+    disk = lambda: DiskCache(tmp_path, "salt", JudgedAnswers.to_json, JudgedAnswers.from_json)  # noqa: E731
+    run(disk(), judge_samples=1, judge_max_samples=1)
+    later = run(disk(), judge_samples=1, judge_max_samples=3, max_judge_drop=drop, judge_confidence=100.0)
+    assert later == wide
+    (entry,) = tmp_path.glob("*.json")
+    restored = JudgedAnswers.from_json(json.loads(entry.read_text()))
+    assert restored.texts == side.texts and torch.equal(restored.scores, side.scores)
+
+
+def _pruned_scores(pruned, tok, persona_judge, queries, rounds):
+    """The pruned model's judged answers, drawn directly."""
+    config = tiny_config(teacher_max_tokens=12)
+    side = JudgedAnswers(sampler(config))
+    for _ in range(rounds):
+        side.draw(pruned, tok, persona_judge, [SYSTEM, OTHER], queries, config)
+    return side.scores
 
 
 def test_judge_identification_and_drop_reduction():
