@@ -139,10 +139,10 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
     while True:
         n = rounds * len(queries)
         for name, side in sides.items():
-            drawn = bool(queries) and side.rounds(len(queries)) < rounds
-            while queries and side.rounds(len(queries)) < rounds:
+            missing = rounds - side.rounds(len(queries)) if queries else 0
+            for _ in range(missing):
                 side.draw(models[name], tok, persona_judge, prompts, queries, config)
-            if drawn and name == "dense":
+            if missing > 0 and name == "dense":
                 cache[key] = side  # stored again: a build cache on disk keeps what it was given
         hits = {name: judging.identified(side.scores[:n]) for name, side in sides.items()}
         drop = (int(hits["dense"].sum()) - int(hits["pruned"].sum())) / n if n else 0.0  # counts, as the gate
