@@ -34,7 +34,8 @@ from builder.prune import GENERIC_METHODS, RosterContext, prune_character  # noq
 
 DEFAULT_METHOD = "persona-pruner"
 COLUMNS = [("kl", "KL", "{:.3f}"), ("top1_agreement", "top1", "{:.3f}"), ("ce_pruned", "CE", "{:.3f}"),
-           ("judge_accuracy_pruned", "judge", "{:.2f}"), ("judge_margin_pruned", "margin", "{:+.3f}"),
+           ("judge_accuracy_pruned", "judge", "{:.2f}"), ("judged_answers", "answers", "{:.0f}"),
+           ("judge_margin_pruned", "margin", "{:+.3f}"),
            ("distinct_2_pruned", "dist-2", "{:.3f}"), ("repetition_pruned", "rep", "{:.3f}"),
            ("echo_rate_pruned", "echo", "{:.2f}"), ("ppl_examples_pruned", "ppl-ex", "{:.1f}"),
            ("ppl_generic_pruned", "ppl-gen", "{:.1f}"), ("params_pruned", "params M", "{:.1f}"),
@@ -84,8 +85,8 @@ def run(args: argparse.Namespace) -> dict:
                                     lambda m: logging.info("%s %s=%s: %s", ch.id, field, value, m))
                 curve.append({"character": ch.id, "keep": config.ffn_keep, "field": field, "value": value,
                               **{k: r.metrics[k] for k in ("kl", "top1_agreement", "judge_accuracy_pruned",
-                                                           "judge_accuracy_dense", "repetition_pruned",
-                                                           "repetition_dense")},
+                                                           "judge_accuracy_dense", "judged_answers",
+                                                           "repetition_pruned", "repetition_dense")},
                               "passed_gate": r.passed_gate, "gate_reasons": r.gate_reasons,
                               "cpu_seconds": r.cpu_seconds})
                 logging.info("%s %s=%s: KL %.3f", ch.id, field, value, r.metrics["kl"])
@@ -140,12 +141,13 @@ def print_tables(result: dict) -> None:
         print_method_tables(result)
     if result["sweep"]:
         print(f"\nSweep ({DEFAULT_METHOD})")
-        print("| character | keep | setting | KL | top1 | judge (dense) | rep (dense) | gate | CPU-s |\n"
+        print("| character | keep | setting | KL | top1 | judge (dense), answers | rep (dense) | gate | CPU-s |\n"
               "|---|---|---|---|---|---|---|---|---|")
         for c in result["sweep"]:
             gate = "passed" if c["passed_gate"] else "fails: " + "; ".join(c["gate_reasons"])
             print(f"| {c['character']} | {c['keep']:.2f} | {c['field']}={c['value']} | {c['kl']:.3f} | "
-                  f"{c['top1_agreement']:.3f} | {c['judge_accuracy_pruned']:.2f} ({c['judge_accuracy_dense']:.2f}) | "
+                  f"{c['top1_agreement']:.3f} | {c['judge_accuracy_pruned']:.2f} ({c['judge_accuracy_dense']:.2f}), "
+                  f"{c['judged_answers']} | "
                   f"{c['repetition_pruned']:.3f} ({c['repetition_dense']:.3f}) | {gate} | {c['cpu_seconds']:.0f} |")
 
 
