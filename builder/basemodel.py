@@ -188,12 +188,36 @@ def load_model(base: BaseModel | Path, dtype: Any = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = base.path if isinstance(base, BaseModel) else Path(base)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    widths = json.loads((path / "config.json").read_text()).get("ffn_widths")
+    model = _load_per_layer(path, widths, dtype or torch.float32) if widths else \
+        AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _load_per_layer(path: Path, widths: list[int], dtype: Any) -> Any:
+    """A checkpoint whose FFN width differs per layer (builder.shrink): built from its config at the widest,
+    each layer resized, then its weights loaded; a tied lm_head is the embedding, as from_pretrained makes it."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from builder.shrink import resize_ffn
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    resize_ffn(model, widths)
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing = set(model.load_state_dict(state, strict=False).missing_keys)
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+        model.tie_weights()
+    if missing:
+        raise BaseModelError(f"{path}: weights missing from the safetensors files: {sorted(missing)}")
+    return model.to(dtype)
 
 
 def greedy_answer(path: Path, question: str, max_new_tokens: int = 24) -> str:

@@ -70,6 +70,13 @@ class BuildConfig:
     mask_probe: int = 16
     mask_eval_every: int = 8  # steps between probe checks; each costs ~2 training steps at the default probe
     n_generic_calibration: int = 64  # generic text sequences for the baselines' scores
+    # per-layer FFN widths at the same total (builder.widths): "probe" measures what cutting each layer alone costs
+    # and gives the channels to the layers where a cut costs most; "uniform" keeps k in every layer. At `fast` the
+    # probe's widths lowered the held-out KL from 0.296 to 0.258 on aldric (docs/quality.md, session 20)
+    ffn_widths: str = "probe"
+    width_step: int = 128  # channels moved at a time: a multiple of 64 keeps int8/int4 blocks whole
+    width_reach: int = 1  # steps either side of k that are measured: (2r + 1) probe passes per layer
+    width_probe: int = 8  # probe sequences the widths are measured on (of the mask's `mask_probe`)
 
     # --- healing (builder.refit, then builder.heal) ---
     refit: bool = True  # least-squares refit of the kept down_proj columns before healing: seconds of CPU
@@ -183,11 +190,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A failing `fast` character goes straight to the base FFN: on magda (AVX2 CPU, session 13) 0.875 cost 636
     # CPU-s more and still failed, on the judge by one answer of 40 (KL 0.332 -> 0.153), so a demo would pay twice.
     # One judged round and no more: a second costs more than the demo can spare, and fast never tries a middle width.
+    # The layer widths are measured on 4 probe sequences, not 8: half the ~6 CPU-minutes (session 20).
     "fast": dict(query_pool=160, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
                  n_train_queries=96, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
                  teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2, heal_lr=6e-5,
                  n_generic_calibration=8, max_seq_len=192, ffn_keep_fallback=(1.0,), judge_samples=1,
-                 judge_max_samples=1),
+                 judge_max_samples=1, width_probe=4),
     "default": {},
     # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups).
     # 64 mask steps, not 120: the mask's probe KL is lowest near step 40 and drifts from ~50 on (docs/quality.md)
@@ -229,6 +237,8 @@ def _validate(c: BuildConfig) -> None:
                               f"float-compute kernel for 8-bit weights); use 4, or int4 weights for fp32 compute")
     if not 0.0 <= c.heal_on_policy <= 1.0:
         raise ConfigError(f"heal_on_policy: {c.heal_on_policy} is not in [0, 1]")
+    if c.ffn_widths not in ("probe", "uniform"):
+        raise ConfigError(f"ffn_widths: {c.ffn_widths!r} is not 'probe' or 'uniform'")
     if c.heal_data not in ("auto", "persona", "generic"):
         raise ConfigError(f"heal_data: {c.heal_data!r} is not 'auto', 'persona' or 'generic'")
     if c.heal_scope not in ("ffn", "all"):
@@ -246,12 +256,15 @@ def _validate(c: BuildConfig) -> None:
     for name in ("n_train_queries", "n_heldout_queries", "teacher_candidates", "teacher_max_tokens",
                  "mask_batch", "heal_batch", "max_seq_len", "channel_multiple", "quant_block_size",
                  "verify_prompts", "verify_tokens", "on_policy_refresh", "on_policy_pool", "generation_rows",
-                 "mask_eval_every", "judge_samples", "judge_max_samples"):
+                 "mask_eval_every", "judge_samples", "judge_max_samples", "width_step", "width_reach",
+                 "width_probe"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(c, name)}")
     for name in ("mask_steps", "heal_steps", "n_card_questions", "threads", "mask_probe"):
         if getattr(c, name) < 0:
             raise ConfigError(f"{name}: must not be negative, got {getattr(c, name)}")
+    if c.width_step % c.channel_multiple:
+        raise ConfigError(f"width_step: {c.width_step} is not a multiple of channel_multiple {c.channel_multiple}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(BuildConfig)}

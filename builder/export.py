@@ -186,12 +186,15 @@ def _rope_cache(cfg: dict[str, Any], head_dim: int, max_context: int) -> tuple[n
 
 
 def model_shapes(cfg: dict[str, Any]) -> dict[str, Any]:
-    heads = cfg["num_attention_heads"]
+    """The manifest's model shapes. `intermediate_size` is the mean FFN width, `ffn_widths` each layer's
+    (builder.widths moves channels between layers at the same total)."""
+    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    widths = cfg.get("ffn_widths") or [cfg["intermediate_size"]] * layers
     return dict(
-        num_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
+        num_layers=layers, num_attention_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+        intermediate_size=round(sum(widths) / layers), ffn_widths=list(widths), vocab_size=cfg["vocab_size"],
         max_context=cfg.get("max_position_embeddings", 2048),
     )
 

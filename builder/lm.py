@@ -135,6 +135,21 @@ def target_forward(model, kv: KV | None, seqs: list[Seq], pad_id: int) -> torch.
     return model.lm_head(target_rows(h, seqs))
 
 
+def target_forward_from(model, layer: int, states: torch.Tensor, kv: KV | None, seqs: list[Seq],
+                        pad_id: int) -> torch.Tensor:
+    """`target_forward` from decoder layer `layer` up, given `states` (B, S, D), the residual stream entering it
+    (`hidden_states(...)[layer]` of the same batch): the layers below are not run again."""
+    args = _batch(model, kv, [s.ids for s in seqs], pad_id)
+    del args["input_ids"]
+    layers = model.model.layers
+    model.model.layers = layers[layer:]  # each attention keeps its layer_idx, so its prefix cache is still its own
+    try:
+        h = model.model(inputs_embeds=states, **args).last_hidden_state  # (B, S, D)
+    finally:
+        model.model.layers = layers
+    return model.lm_head(target_rows(h, seqs))
+
+
 def target_rows(x: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
     """Rows of `x` (B, S, ...) at the positions that predict target tokens, in order: (N, ...). One gather:
     picking the rows one by one made the backward pass write a zero (B, S, V) gradient per row, 80 % of a

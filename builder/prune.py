@@ -193,7 +193,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     n_channels = ctx.model.config.intermediate_size
     k = round_channels(n_channels, config.ffn_keep, config.channel_multiple)
 
-    say(f"selection: {config.method}, keeping {k} of {n_channels} FFN channels per layer")
+    say(f"selection: {config.method}, keeping {k} of {n_channels} FFN channels per layer on average")
     kept, selection_stats = select_channels(config.method, ctx.model, SelectionData(persona, generic), k, config,
                                             pad)
 
@@ -237,7 +237,8 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     samples = metrics.pop("samples")
     cpu = time.process_time() - start
     metrics.update({"method": config.method, "ffn_keep": config.ffn_keep, "intermediate_size": k,
-                    "base_intermediate_size": n_channels, "heal_data": heal_data,
+                    "ffn_widths": [len(k_) for k_ in kept], "base_intermediate_size": n_channels,
+                    "heal_data": heal_data,
                     "train_dtype": str(ctx.model.dtype).removeprefix("torch."),
                     "params_dense": sum(p.numel() for p in ctx.model.parameters()),
                     "params_pruned": sum(p.numel() for p in student.parameters()),

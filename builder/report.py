@@ -64,9 +64,10 @@ def _numel(shape: list[int]) -> int:
 
 
 def kept_channels_svg(kept: list[list[int]], n_channels: int, bins: int = BINS) -> str:
-    """One row per layer, one cell per bin of channel indices; darker = more of that bin kept."""
-    cell_w, cell_h, left = 10, 12, 46
-    width, height = left + bins * cell_w + 8, 24 + len(kept) * cell_h
+    """One row per layer, one cell per bin of channel indices; darker = more of that bin kept. Each row ends with
+    the layer's width: builder.widths gives layers different ones."""
+    cell_w, cell_h, left, right = 10, 12, 46, 44
+    width, height = left + bins * cell_w + right, 24 + len(kept) * cell_h
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="kept FFN channels per layer">',
              f'<text x="{left}" y="12" font-size="11">channel index 0 → {n_channels - 1} ({bins} bins); '
@@ -83,6 +84,7 @@ def kept_channels_svg(kept: list[list[int]], n_channels: int, bins: int = BINS) 
             shade = int(245 - 200 * min(frac, 1.0))
             parts.append(f'<rect x="{left + b * cell_w}" y="{y}" width="{cell_w}" height="{cell_h - 1}" '
                          f'fill="rgb({shade},{int(shade * 0.8)},{int(shade * 0.6)})"/>')
+        parts.append(f'<text x="{left + bins * cell_w + 4}" y="{y + cell_h - 2}" font-size="10">{len(channels)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -1,7 +1,7 @@
 """Which FFN channels each layer keeps: the learned persona mask, or a baseline score.
 
-Every method keeps the same number k of intermediate channels in every layer (uniform widths keep the checkpoint
-stock, FACTS §3). Methods:
+The generic baselines keep the same number k of intermediate channels in every layer; the persona methods keep
+L·k in all, spread over the layers by builder.widths (`ffn_widths`). Methods:
 - `persona-pruner` (the paper): weights frozen; a trainable score per channel; the forward pass keeps the top-k
   channels of each layer (a hard 0/1 mask on the act(gate)*up product, by forward hooks) and gradients reach the
   scores straight through the mask; the loss is KL(dense ‖ masked) over the full vocabulary on the teacher's
@@ -13,7 +13,7 @@ stock, FACTS §3). Methods:
 
 Input: the dense model (not modified; hooks are removed on return), `SelectionData`, k, the config.
 Output: per layer a sorted LongTensor of kept channel indices, and the learned mask's statistics (its probe
-trace, the checkpoint chosen, the share of channels it moved from the init).
+trace, the checkpoint chosen, the share of channels it moved from the init) and the widths chosen.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 
 from builder import lm
 from builder.config import BuildConfig
+from builder.widths import layer_widths, probe_measure
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,10 @@ def _normalise(scores: list[torch.Tensor]) -> list[torch.Tensor]:
     return [s / s.mean().clamp(min=1e-12) for s in scores]
 
 
-def topk(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    return [s.topk(k).indices.sort().values for s in scores]
+def topk(scores: list[torch.Tensor], k: int | list[int]) -> list[torch.Tensor]:
+    """The kept channel indices (sorted) of each layer: its top-k scores, k uniform or one per layer."""
+    widths = [k] * len(scores) if isinstance(k, int) else k
+    return [s.topk(w).indices.sort().values for s, w in zip(scores, widths)]
 
 
 def masked_kl(model, seqset: lm.SeqSet, chunk: list[lm.Seq], masks: list[torch.Tensor] | None,
@@ -195,9 +198,20 @@ def learn_mask(model, seqset: lm.SeqSet, init: list[torch.Tensor], k: int, confi
     return best_scores, {"probe_sequences": len(probe), "probe_kl": trace, "chosen_step": chosen}
 
 
+def allocate_widths(model, seqset: lm.SeqSet, scores: list[torch.Tensor], k: int, config: BuildConfig,
+                    pad_id: int) -> tuple[list[int], dict]:
+    """Per-layer widths (builder.widths) measured on `width_probe` of the mask's probe sequences."""
+    probe = split_probe(seqset.seqs, config)[0][:config.width_probe]
+    if not probe:
+        return [k] * len(scores), {}
+    measure = probe_measure(model, seqset, probe, scores, config.forward_batch, pad_id)
+    return layer_widths(measure, len(scores), len(scores[0]), k, config)
+
+
 def select_channels(method: str, model, data: SelectionData, k: int, config: BuildConfig,
                     pad_id: int = 0) -> tuple[list[torch.Tensor], dict]:
-    """Kept channel indices per layer (sorted), k in every layer, and the learned mask's statistics."""
+    """Kept channel indices per layer (sorted) and the selection's statistics. The generic baselines keep k in
+    every layer; the persona methods hand the same total out by measured cost per layer (builder.widths)."""
     batch = config.mask_batch
     stats: dict = {}
     if method == "magnitude":
@@ -214,6 +228,9 @@ def select_channels(method: str, model, data: SelectionData, k: int, config: Bui
             moved = sum(len(set(a.tolist()) - set(b.tolist())) for a, b in zip(topk(scores, k), init))
             stats["moved"] = round(moved / (k * len(init)), 4)
             log.info("learned mask moved %.1f%% of kept channels from the init", 100 * stats["moved"])
+        widths, width_stats = allocate_widths(model, data.persona, scores, k, config, pad_id)
+        stats.update(width_stats)
+        return topk(scores, widths), stats
     else:
         raise ValueError(f"method: unknown selection method {method!r}")
     return topk(scores, k), stats

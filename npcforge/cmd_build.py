@@ -108,7 +108,8 @@ def inspect(artifact: Path, as_json: bool) -> None:
                 ("base model", f"{manifest['base_model']['id']} {manifest['base_model']['sha256'][:12]}"),
                 ("model", f"{precision_label(m)}, {m['num_layers']} layers, {m['num_attention_heads']}/"
                           f"{m['num_kv_heads']} heads x {m['head_dim']}, FFN {m['intermediate_size']}/"
-                          f"{m['base_intermediate_size']}, vocab {m['vocab_size']}, context {m['max_context']}"),
+                          f"{m['base_intermediate_size']}{_width_range(m)}, vocab {m['vocab_size']}, "
+                          f"context {m['max_context']}"),
                 ("verification", f"KL {v.get('kl', float('nan')):.4f}, top-1 {v['top1_agreement']:.3f}, "
                                  f"greedy {v['greedy_agreement']:.3f}, "
                                  f"max |logit diff| {v['max_abs_logit_diff']:.4g} over {v['probe_tokens']} tokens"),
@@ -123,3 +124,9 @@ def inspect(artifact: Path, as_json: bool) -> None:
             click.echo(f"{'BAD' if bad else 'ok':>15}: {rel} ({rec['size']:,} bytes)")
     if problems:
         raise Failed("; ".join(problems))
+
+
+def _width_range(model: dict) -> str:
+    """What inspect adds to the FFN width when it differs between layers: " (per layer 1024-1536)"."""
+    widths = model.get("ffn_widths") or []
+    return f" (per layer {min(widths)}-{max(widths)})" if len(set(widths)) > 1 else ""

@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 TINY = dict(threads=1, query_pool=40, n_train_queries=12, n_heldout_queries=8, n_card_questions=2,
             teacher_candidates=2, teacher_max_tokens=16, n_reference_personas=2, judge_references=1,
             multi_turn_sequences=4, mask_steps=4, heal_steps=4, n_generic_calibration=4, n_generic_eval=4,
-            max_seq_len=128, teacher_max_repetition=1.0)
+            max_seq_len=128, teacher_max_repetition=1.0, width_step=16)
 
 
 def tiny_config(**overrides) -> BuildConfig:

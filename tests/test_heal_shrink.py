@@ -1,14 +1,16 @@
-"""Slicing keeps outputs exact, the written checkpoint is stock, and healing trains only what it should."""
+"""Slicing keeps outputs exact, the written checkpoint is stock (or lists its per-layer widths and loads), and
+healing trains only what it should."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder import lm
-from builder.basemodel import load_model
+from builder.basemodel import BaseModelError, load_model
 from builder.config import ConfigError
 from builder.heal import heal, on_policy_step, reply_source
 from builder.refit import gram_matrices, refit_down
@@ -63,8 +65,28 @@ def test_checkpoint_is_stock_and_matches_the_sliced_model(models, tiny_base, tmp
     assert AutoTokenizer.from_pretrained(out).encode("Hello") == tok.encode("Hello")
     ids = torch.tensor([tok("Where is the forge?")["input_ids"]])
     assert (_logits(loaded, ids) - _logits(pruned, ids)).abs().max() < 1e-6
-    with pytest.raises(ValueError, match="uniform width"):
-        slice_ffn(copy.deepcopy(model), [torch.arange(64), torch.arange(48)])
+    assert "ffn_widths" not in json.loads((out / "config.json").read_text())  # uniform: a stock config
+    with pytest.raises(ValueError, match="all 2 layers"):
+        slice_ffn(copy.deepcopy(model), [torch.arange(64)])
+
+
+def test_checkpoint_with_widths_per_layer_round_trips(models, tiny_base, tmp_path):
+    """builder.widths gives layers different widths: config.json lists them, load_model rebuilds the model."""
+    model, tok = models
+    pruned = copy.deepcopy(model)
+    kept = [torch.arange(0, 128, 2)[:48], torch.arange(1, 128, 2)[:16].tolist() + list(range(32, 96))]
+    slice_ffn(pruned, [torch.as_tensor(k) for k in kept])
+    out = save_checkpoint(pruned, tiny_base, tmp_path / "ckpt")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["ffn_widths"] == [48, 80] and cfg["intermediate_size"] == 80
+    loaded, _ = load_model(out)
+    assert [m.gate_proj.out_features for m in lm.mlps(loaded)] == [48, 80]
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    ids = torch.tensor([tok("Where is the forge?")["input_ids"]])
+    assert (_logits(loaded, ids) - _logits(pruned, ids)).abs().max() < 1e-6
+    (out / "model.safetensors").rename(out / "gone.bin")
+    with pytest.raises(BaseModelError, match="weights missing"):
+        load_model(out)
 
 
 @pytest.mark.parametrize("scope,dtype", [("ffn", "bf16"), ("all", "bf16"), ("ffn", "fp32")])

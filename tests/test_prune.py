@@ -1,4 +1,4 @@
-"""prune_character end to end on the tiny model: a stock checkpoint, shareable tensors, metrics, reproducibility."""
+"""prune_character end to end on the tiny model: a loadable checkpoint, shareable tensors, metrics, reproducibility."""
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +6,8 @@ import hashlib
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
-from builder.basemodel import ensure_base_model
+from builder import lm
+from builder.basemodel import ensure_base_model, load_model
 from builder.cards import load_roster
 from builder.config import round_channels
 from builder.prune import prune_character
@@ -31,9 +30,12 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
     assert [s.split(":")[0] for s in stages if not s.startswith("calibration")] == [
         "selection", "refit", "heal", "gptq", "shrink", "evaluate"]
     k = round_channels(128, 0.5, 16)
-    assert len(result.kept_channels) == 2 and all(len(c) == k for c in result.kept_channels)
-    model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
-    assert model.config.intermediate_size == k
+    # builder.widths moves channels between the layers in steps of width_step (16 here) at the same total
+    widths = [len(c) for c in result.kept_channels]
+    assert len(widths) == 2 and sum(widths) == 2 * k and all(w % 16 == 0 for w in widths)
+    assert result.metrics["ffn_widths"] == widths and result.metrics["intermediate_size"] == k
+    model, _ = load_model(result.checkpoint)
+    assert [m.gate_proj.out_features for m in lm.mlps(model)] == widths
     assert (result.checkpoint / "tokenizer.json").is_file()
     assert result.hessians is not None and result.hessians.is_file() and result.hessians.parent != result.checkpoint
 
@@ -86,4 +88,5 @@ def test_prune_character_on_cuda_agrees_with_cpu(tiny_base, roster_dir, tmp_path
     same = sum(len(set(a) & set(b)) for a, b in zip(cpu.kept_channels, cuda.kept_channels))
     assert same >= 0.9 * sum(len(a) for a in cpu.kept_channels)
     assert abs(cpu.metrics["kl"] - cuda.metrics["kl"]) <= 0.1 * cpu.metrics["kl"] + 1e-3
-    assert AutoModelForCausalLM.from_pretrained(cuda.checkpoint).config.intermediate_size == len(cpu.kept_channels[0])
+    assert [m.gate_proj.out_features for m in lm.mlps(load_model(cuda.checkpoint)[0])] == \
+        [len(c) for c in cuda.kept_channels]

@@ -33,6 +33,8 @@ def test_svg_marks_kept_channels_per_layer() -> None:
     dark, light = "rgb(45,36,27)", "rgb(245,196,147)"
     assert fills[:BINS // 2] == [dark] * (BINS // 2) and fills[BINS // 2:BINS] == [light] * (BINS // 2)
     assert fills[BINS:BINS + BINS // 2] == [light] * (BINS // 2) and fills[2 * BINS:] == [light] * BINS
+    assert [t.text for t in root.findall(f"{SVG}text")][-2:] == ["L2", "0"]  # each row ends with its width
+    assert [t.text for t in root.findall(f"{SVG}text")][1:3] == ["L0", "64"]
 
 
 @pytest.fixture(scope="module")
