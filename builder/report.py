@@ -84,7 +84,8 @@ def kept_channels_svg(kept: list[list[int]], n_channels: int, bins: int = BINS) 
             shade = int(245 - 200 * min(frac, 1.0))
             parts.append(f'<rect x="{left + b * cell_w}" y="{y}" width="{cell_w}" height="{cell_h - 1}" '
                          f'fill="rgb({shade},{int(shade * 0.8)},{int(shade * 0.6)})"/>')
-        parts.append(f'<text x="{left + bins * cell_w + 4}" y="{y + cell_h - 2}" font-size="10">{len(channels)}</text>')
+        parts.append(f'<text x="{left + bins * cell_w + 4}" y="{y + cell_h - 2}" font-size="10">'
+                     f'{len(channels)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

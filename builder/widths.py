@@ -48,17 +48,18 @@ def probe_measure(model, seqset: lm.SeqSet, probe: list[lm.Seq], scores: list[to
     stays the dense one (the cut acts on the answers)."""
     with torch.no_grad():
         kv = lm.prefix_kv(model, seqset.prefix)
-        # (sequences, dense logits at their targets, residual stream entering each layer)
-        chunks = [(chunk, lm.target_forward(model, kv, chunk, pad_id),
-                   lm.hidden_states(model, kv, [s.ids for s in chunk], pad_id))
-                  for chunk in lm.seq_batches(probe, batch)]
+        # (sequences, residual stream entering each layer, dense logits at the targets from the last state)
+        chunks = []
+        for chunk in lm.seq_batches(probe, batch):
+            states = lm.hidden_states(model, kv, [s.ids for s in chunk], pad_id)
+            chunks.append((chunk, states, model.lm_head(lm.target_rows(states[-1], chunk))))
 
     @torch.no_grad()
     def measure(layer: int, width: int) -> float:
         mask = torch.zeros_like(scores[layer])
         mask[scores[layer].topk(width).indices] = 1.0
         total, tokens = 0.0, 0
-        for chunk, teacher, states in chunks:
+        for chunk, states, teacher in chunks:
             with lm.channel_hook(model, lambda i, h: h * mask.to(h.dtype) if i == layer else None):
                 student = lm.target_forward_from(model, layer, states[layer], kv, chunk, pad_id)
             total += float(lm.kl_per_token(teacher, student).sum())
