@@ -7,6 +7,7 @@ and sha256), all in a temporary sibling folder renamed into place: an artifact i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -164,6 +165,18 @@ def install(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def export_settings(config: BuildConfig, base_ffn: bool, widened: bool) -> BuildConfig:
+    """The settings a checkpoint is exported with. The base's own FFN (`base_ffn`: ffn_keep 1.0, or a character
+    `widened` to it after failing the gate) goes at the trunk's precision unless an unwidened build asked for its
+    own: a fallback must pass without a gate, and rounding the base FFN to int4 a second time (its weights came
+    from the GGUF's 4-bit grid, and shared tensors get no GPTQ) costs 0.14 nats/token on the verification probes
+    (55/64 top-1). At the trunk's precision it is the same tensors as every such character's, which the runtime
+    shares."""
+    if base_ffn and (widened or config.ffn_precision == "auto"):
+        return dataclasses.replace(config, ffn_precision=None, ffn_accuracy_level=None, ffn_block_size=None)
+    return config
+
+
 def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: BuildConfig, base: BaseModel,
                    prune: Any = None, progress: Callable[[str], None] | None = None,
                    failed_widths: list[dict[str, Any]] | None = None) -> Path:
@@ -175,6 +188,8 @@ def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: Buil
 
     say = progress or (lambda msg: log.info(msg))
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    base_ffn = checkpoint.resolve() == Path(base.path).resolve()
+    settings = export_settings(config, base_ffn, bool(failed_widths))  # the manifest keeps the request's hash
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -182,8 +197,7 @@ def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: Buil
     try:
         t0 = time.perf_counter()
         say("export")
-        exported = export_onnx(checkpoint, tmp, config, getattr(prune, "hessians", None),
-                               base_ffn=checkpoint.resolve() == Path(base.path).resolve())
+        exported = export_onnx(checkpoint, tmp, settings, getattr(prune, "hessians", None), base_ffn=base_ffn)
         tok_src = checkpoint if (checkpoint / "tokenizer.json").is_file() else base.path
         for name in TOKENIZER_FILES:
             if (tok_src / name).is_file():
@@ -191,7 +205,7 @@ def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: Buil
         template = chat_template(tmp)
         say("verify")
         verification = verify_export(checkpoint, exported.model_file, probe_prompts(character, template, config),
-                                     config)
+                                     settings)
         if not verification.passed:
             raise VerificationFailed(f"{character.id}: {verification.reason}")
         _write_json(tmp / "character.json", character_record(character, config.user_name))
@@ -205,7 +219,7 @@ def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: Buil
             "builder": {"version": builder_version(), "config": config.to_dict(), "config_hash": config.fingerprint()},
             "base_model": {"id": base.model_id, "sha256": base.sha256}, "card_sha256": character.card_sha256,
             "model": {"file": exported.model_file.name, "data_file": exported.data_file.name,
-                      "precision": config.precision, "ffn_precision": config.ffn_setting("precision"),
+                      "precision": settings.precision, "ffn_precision": settings.ffn_setting("precision"),
                       **exported.shapes,
                       "base_intermediate_size": base.config["intermediate_size"], "kv_layout": "BNSH",
                       "logits": "last"},

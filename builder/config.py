@@ -22,13 +22,17 @@ class ConfigError(ValueError):
 class BuildConfig:
     # --- what to build ---
     method: str = "persona-pruner"  # the paper's learned mask; baselines exist for the benchmark
-    ffn_keep: float = 0.75  # fraction of FFN channels kept: at 0.75 the default preset puts all 8 sample
-    # characters under max_kl (KL 0.20-0.26) and 3-4 of 8 through the whole gate; at 0.5 all 8 fail max_kl
-    # (KL 0.42-0.54, the roster on a lent H100, docs/quality.md)
+    # fraction of FFN channels kept. 0.875 with an int4 FFN (ffn_precision) rather than 0.75 at int8: fewer bytes
+    # (0.62x the FFN), lower KL (fast, GPTQ codes as shipped: 0.17-0.18 against 0.25-0.30 on aldric, magda, rosie)
+    # and faster decoding (docs/quality.md, session 21); its top-1 to its own fp32 checkpoint falls to 53-59/64, the
+    # int4 rounding the gate now prices in. At 0.75 int4 rounding pushes magda over max_kl; at 0.5 all 8 sample
+    # characters fail max_kl even in fp32 (KL 0.42-0.54, the roster on a lent H100)
+    ffn_keep: float = 0.875
     # wider widths tried in turn when a character fails the quality gate at ffn_keep, so a hard character ships
-    # larger rather than broken: 0.875 keeps half the saving; 1.0 is the base FFN, which passes by construction (KL 0).
-    # () installs the failed artifact, flagged, and the build reports the failure
-    ffn_keep_fallback: tuple[float, ...] = (0.875, 1.0)
+    # larger rather than broken. 1.0 is the base FFN at the trunk's precision, which passes by construction (KL ~0)
+    # and is the same tensors for every such character. () installs the failed artifact, flagged, and the build
+    # reports the failure
+    ffn_keep_fallback: tuple[float, ...] = (1.0,)
     channel_multiple: int = 16  # k is rounded to this so int4/int8 blocks and SIMD widths stay aligned
     seed: int = 0  # every random choice derives from it: builds are reproducible
 
@@ -102,11 +106,14 @@ class BuildConfig:
     # --- export (builder.export) ---
     precision: str = "int8"  # weight-only block int8 keeps top-1 agreement; see docs/artifact.md
     # The FFN (the only weights a character does not share with the base) at its own precision; None = precision.
-    # "int4" halves what each loaded character costs and reads half the bytes per decoded token (docs/artifact.md).
-    ffn_precision: str | None = None
+    # "auto": int4 under a quantised trunk, so the default artifact is an int8 trunk with an int4 FFN, and an fp32
+    # export stays exact. int4 halves what each loaded character costs and the FFN bytes read per decoded token
+    # (docs/artifact.md); the quality gate judges the int4 codes themselves (builder.gptq.shipped_ffn)
+    ffn_precision: str | None = "auto"
     # GPTQ (act order) for a character's own int4 FFN, on its healing tokens through its healed model (builder.gptq):
-    # KL to its unquantised self 0.114 -> 0.027 and probe top-1 46 -> 59/64 on magda. int8 stays round-to-nearest
-    # (62/64; GPTQ gave 60), and so do shared tensors at any precision: they must be identical for every character.
+    # held-out KL to dense +0.037 against +0.124 rounded to nearest (magda, keep 0.75, `fast`; docs/quality.md).
+    # int8 stays round-to-nearest (62/64; GPTQ gave 60), and so do shared tensors at any precision: they must be
+    # identical for every character.
     gptq: bool = True
     gptq_damp: float = 0.01  # Hessian damping, relative to its mean diagonal (the GPTQ paper's 1 %)
     quant_block_size: int = 64  # MatMulNBits block: 64 decodes 1.3x faster than 32 on AVX-512 at equal top-1
@@ -162,6 +169,8 @@ class BuildConfig:
         """A quantisation setting of the character's own FFN: its `ffn_*` override (precision, accuracy_level,
         quant_block_size -> ffn_block_size), else the trunk's value."""
         own = getattr(self, "ffn_" + trunk_field.removeprefix("quant_"))
+        if own == "auto":  # ffn_precision's default
+            return "int4" if self.precision != "fp32" else "fp32"
         return getattr(self, trunk_field) if own is None else own
 
     def keep_ladder(self) -> list[float]:
@@ -187,14 +196,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # held-out queries): KL -19/-7/-7 %, judge +5 to +7.5 points on aldric, magda, rosie (docs/quality.md).
     # heal_lr 6e-5 (session 9): its 24 steps of 2 sequences are noisy; KL -0.015/-0.004/-0.016 and repetition
     # -0.05/-0.06/-0.05 on aldric (chosen there), magda, rosie. At `default` (64 steps of 4) 6e-5 gained nothing.
-    # A failing `fast` character goes straight to the base FFN: on magda (AVX2 CPU, session 13) 0.875 cost 636
-    # CPU-s more and still failed, on the judge by one answer of 40 (KL 0.332 -> 0.153), so a demo would pay twice.
-    # One judged round and no more: a second costs more than the demo can spare, and fast never tries a middle width.
+    # One judged round and no more: a second costs more than the demo can spare.
     # The layer widths are measured on 4 probe sequences, not 8: half the ~6 CPU-minutes (session 20).
     "fast": dict(query_pool=160, n_reference_personas=3, judge_references=2, multi_turn_sequences=24,
                  n_train_queries=96, n_heldout_queries=40, n_card_questions=4, teacher_candidates=1,
                  teacher_max_tokens=40, mask_steps=12, heal_steps=24, mask_batch=2, heal_batch=2, heal_lr=6e-5,
-                 n_generic_calibration=8, max_seq_len=192, ffn_keep_fallback=(1.0,), judge_samples=1,
+                 n_generic_calibration=8, max_seq_len=192, judge_samples=1,
                  judge_max_samples=1, width_probe=4),
     "default": {},
     # best: what a release build can afford (~1 CPU-hour per character before builder 0.3.0's speed-ups).
@@ -217,8 +224,9 @@ def _validate(c: BuildConfig) -> None:
                           f"e.g. [0.875, 1.0], or empty to report a failed gate instead of widening")
     if c.precision not in PRECISIONS:
         raise ConfigError(f"precision: {c.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if c.ffn_precision is not None and c.ffn_precision not in PRECISIONS:
-        raise ConfigError(f"ffn_precision: {c.ffn_precision!r} is not one of {', '.join(PRECISIONS)} (or unset)")
+    if c.ffn_precision is not None and c.ffn_precision not in ("auto",) + PRECISIONS:
+        raise ConfigError(f"ffn_precision: {c.ffn_precision!r} is not auto or one of {', '.join(PRECISIONS)} "
+                          f"(or none: the trunk's)")
     # MatMulNBits settings; the FFN's own may be unset (None: the trunk's)
     for name, allowed, what in (("accuracy_level", (0, 1, 2, 3, 4), "0..4 (MatMulNBits)"),
                                 ("ffn_accuracy_level", (0, 1, 2, 3, 4), "0..4 (MatMulNBits)"),

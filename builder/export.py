@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.config import BuildConfig
-from builder.gptq import gptq_blocks, load_hessians, wanted as gptq_wanted
+from builder.gptq import gptq_blocks, hessian_key, load_hessians, wanted as gptq_wanted
 from builder.quant import quantize_blocks
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                                                         get(f"{p}.post_attention_layernorm.weight"), True)],
                                     n_out=4, domain="com.microsoft", epsilon=eps)
             g.nodes[-1].output[1:3] = ["", ""]
-            h_in, h_down = hess.get(f"layers.{i}.mlp_input"), hess.get(f"layers.{i}.down_input")
+            h_in, h_down = (hess.get(hessian_key(f"{p}.mlp.{n}_proj.weight")) for n in ("up", "down"))
             gate = linear(h, f"{p}.mlp.gate_proj", get(f"{p}.mlp.gate_proj.weight"), None, base_ffn, nbits=ffn_bits,
                           hessian=h_in, ffn=True)
             up = linear(h, f"{p}.mlp.up_proj", get(f"{p}.mlp.up_proj.weight"), None, base_ffn, nbits=ffn_bits,

@@ -32,7 +32,7 @@ from builder.calibration import (Calibration, Persona, calibrate, calibration_fr
 from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
 from builder.evaluate import JudgedAnswers, evaluate, gate
-from builder.gptq import ffn_hessians, save_hessians, wanted as gptq_wanted
+from builder.gptq import ffn_hessians, save_hessians, shipped_ffn, wanted as gptq_wanted
 from builder.heal import heal, reply_source
 from builder.judge import PersonaJudge
 from builder.refit import gram_matrices, refit_down
@@ -215,19 +215,22 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
         if heal_data == "persona" and cal.train else None
     heal_stats = heal(student, ctx.model, heal_set, config, pad, replies=replies)
 
-    hessians = None
+    hessians, stats = None, None
     if gptq_wanted(config):
         say("gptq: activation statistics of the healed FFN for its quantisation")
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        hessians = save_hessians(ffn_hessians(student, heal_set, config.forward_batch, pad),
-                                 Path(workdir) / "ffn_hessians.safetensors")
+        stats = ffn_hessians(student, heal_set, config.forward_batch, pad)
+        hessians = save_hessians(stats, Path(workdir) / "ffn_hessians.safetensors")
 
     say("shrink: writing the checkpoint")
     student.to("cpu")
     checkpoint = save_checkpoint(student, base.path, Path(workdir) / "checkpoint")
 
     say(f"evaluate: {len(cal.heldout)} held-out queries, dense vs pruned")
-    pruned = copy.deepcopy(student).to(device=ctx.model.device, dtype=ctx.model.dtype)
+    pruned = copy.deepcopy(student)
+    evaluated_ffn = shipped_ffn(pruned, stats, config)  # the gate judges the FFN codes the artifact holds
+    del stats
+    pruned.to(device=ctx.model.device, dtype=ctx.model.dtype)
     n_eval_generic = len(ctx.generic_eval)
     metrics = evaluate(ctx.model, pruned, tok, ctx.judge, cal.system, reference_prompts(character, ctx, config),
                        [(e.query, e.answers[0]) for e in cal.heldout], example_seqs(tok, character, config),
@@ -238,7 +241,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     cpu = time.process_time() - start
     metrics.update({"method": config.method, "ffn_keep": config.ffn_keep, "intermediate_size": k,
                     "ffn_widths": [len(k_) for k_ in kept], "base_intermediate_size": n_channels,
-                    "heal_data": heal_data,
+                    "heal_data": heal_data, "evaluated_ffn": evaluated_ffn,
                     "train_dtype": str(ctx.model.dtype).removeprefix("torch."),
                     "params_dense": sum(p.numel() for p in ctx.model.parameters()),
                     "params_pruned": sum(p.numel() for p in student.parameters()),

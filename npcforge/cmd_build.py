@@ -16,14 +16,16 @@ from npcforge.ui import Failed, emit_json
 @click.option("--only", multiple=True, metavar="ID", help="Build only these character ids (repeatable).")
 @click.option("--preset", type=click.Choice(["fast", "default", "best"]), default="default", show_default=True,
               help="fast: demos and CI; best: what a release build can afford.")
-@click.option("--ffn-keep", type=float, help="Fraction of FFN channels kept (1.0 = no pruning, exports the base).")
+@click.option("--ffn-keep", type=float, help="Fraction of FFN channels kept (default 0.875; 1.0 = no pruning, "
+              "exports the base).")
 @click.option("--ffn-keep-fallback", metavar="K1,K2",
-              help="Wider FFN widths tried in turn when a character fails the quality gate (default 0.875,1.0; "
-              "--preset fast: 1.0, the base FFN); 'none' reports the failure instead.")
+              help="Wider FFN widths tried in turn when a character fails the quality gate (default 1.0: the base "
+              "FFN, at the trunk's precision); 'none' reports the failure instead.")
 @click.option("--method", help="Channel selection: persona-pruner, persona-activation, magnitude, wanda-sp, taylor.")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), help="Weight precision of the ONNX model.")
-@click.option("--ffn-precision", type=click.Choice(["fp32", "int8", "int4"]),
-              help="Precision of the character's own FFN weights (default: --precision); int4 halves their memory.")
+@click.option("--ffn-precision", type=click.Choice(["auto", "fp32", "int8", "int4"]),
+              help="Precision of the character's own FFN weights (default auto: int4 with GPTQ under a quantised "
+              "trunk, fp32 under fp32). The quality gate judges them as stored; int8 doubles their memory.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="A local HF folder instead of the default.")
 @click.option("--device", help="Torch device for pruning and evaluation: cpu (default) or cuda[:N]. Export and "
               "verification run on the CPU either way.")

@@ -48,6 +48,8 @@ def test_incremental_rebuilds_only_what_changed(small_roster: Path, tmp_path: Pa
     index = json.loads((out / "index.json").read_text())
     assert [c["id"] for c in index["characters"]] == ["magda", "pip", "rosie"] and index["failed"] == []
     assert (out / "report.html").is_file() and all(check_artifact(out / c) == [] for c in ("magda", "pip", "rosie"))
+    # unpruned, the default "auto" FFN precision is the trunk's: the base FFN is not rounded to int4 a second time
+    assert read_manifest(out / "magda")["model"]["ffn_precision"] == "int8"
 
     second = build_roster(small_roster, out, "fast", DENSE, base_model=tiny_base)
     assert set(_statuses(second).values()) == {"skipped"}
@@ -169,16 +171,21 @@ def test_pruned_build_runs_the_pruning_pipeline(roster_dir: Path, tmp_path: Path
 
 
 def test_a_character_failing_the_gate_is_rebuilt_wider(roster_dir: Path, tmp_path: Path, tiny_base: Path) -> None:
-    """max_kl 0 fails every pruned width: the build tries each fallback in turn and ships the base FFN, saying so."""
+    """max_kl 0 fails every pruned width: the build tries each fallback in turn and ships the base FFN, saying so,
+    at the trunk's precision (an int4 FFN was asked for the pruned widths only), shared like the trunk."""
     out = tmp_path / "dist"
     messages: list[str] = []
-    settings = {**TINY, "ffn_keep": 0.5, "ffn_keep_fallback": "0.75,1.0", "max_kl": 0.0}
+    settings = {**TINY, "ffn_keep": 0.5, "ffn_keep_fallback": "0.75,1.0", "max_kl": 0.0, "ffn_precision": "int4"}
     summary = build_roster(roster_dir, out, "fast", settings, only=["magda"], base_model=tiny_base,
                            progress=lambda cid, msg: messages.append(msg))
     outcome = summary.outcomes[0]
     assert outcome.status == "built" and summary.ok and "widened to 1.0" in outcome.note
     m = read_manifest(out / "magda")
     assert m["model"]["intermediate_size"] == m["model"]["base_intermediate_size"] == 128
+    assert m["model"]["ffn_precision"] == m["model"]["precision"] == "int8"
+    assert m["builder"]["config"]["ffn_precision"] == "int4"
+    assert {f"model.layers.{i}.mlp.{n}_proj.qweight" for i in range(2) for n in ("gate", "up", "down")} <= {
+        t["name"] for t in m["shared_tensors"]}
     widths = m["quality"]["failed_widths"]
     assert [w["ffn_keep"] for w in widths] == [0.5, 0.75] and [w["intermediate_size"] for w in widths] == [64, 96]
     assert all(w["kl"] > 0 and any("KL" in r for r in w["gate_reasons"]) for w in widths)

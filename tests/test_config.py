@@ -52,7 +52,10 @@ def test_ffn_settings_fall_back_to_the_trunks():
     c = resolve_config("default", {"ffn_precision": "int4", "ffn_block_size": 32})
     assert (c.ffn_setting("precision"), c.ffn_setting("quant_block_size")) == ("int4", 32)
     assert c.ffn_setting("accuracy_level") == c.accuracy_level == 4
-    assert resolve_config().ffn_setting("precision") == "int8"
+    # auto (the default): an int4 FFN under a quantised trunk, an exact export under fp32; none: the trunk's
+    assert resolve_config().ffn_setting("precision") == "int4"
+    assert resolve_config("default", {"precision": "fp32"}).ffn_setting("precision") == "fp32"
+    assert resolve_config("default", {"ffn_precision": "none"}).ffn_setting("precision") == "int8"
 
 
 def test_tuples_come_from_lists_or_comma_separated_text():
@@ -61,12 +64,14 @@ def test_tuples_come_from_lists_or_comma_separated_text():
 
 
 def test_keep_ladder_widens_from_the_requested_width():
-    assert resolve_config().keep_ladder() == [0.75, 0.875, 1.0]
-    assert resolve_config("default", {"ffn_keep": 0.9}).keep_ladder() == [0.9, 1.0]  # narrower fallbacks skipped
-    assert resolve_config("fast").keep_ladder() == [0.75, 1.0]  # demos and tests: straight to the base FFN
+    assert resolve_config().keep_ladder() == resolve_config("fast").keep_ladder() == [0.875, 1.0]
+    assert resolve_config("default", {"ffn_keep": 0.5, "ffn_keep_fallback": "0.75,0.875"}).keep_ladder() == [
+        0.5, 0.75, 0.875]
+    assert resolve_config("default", {"ffn_keep": 0.9, "ffn_keep_fallback": "0.875,1"}).keep_ladder() == [
+        0.9, 1.0]  # narrower fallbacks skipped
     for empty in ("", "none", []):  # the command line's and a card's way to say: report a failure, do not widen
         c = resolve_config("default", {"ffn_keep_fallback": empty})
-        assert c.ffn_keep_fallback == () and c.keep_ladder() == [0.75]
+        assert c.ffn_keep_fallback == () and c.keep_ladder() == [0.875]
 
 
 def test_unknown_preset():

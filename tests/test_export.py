@@ -70,7 +70,7 @@ def test_fp32_matches_torch_prompt_decode_and_followup(tiny_base: Path, tmp_path
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantised_exports_stay_close(tiny_base: Path, tmp_path: Path, precision: str) -> None:
-    result = export_onnx(tiny_base, tmp_path, BuildConfig(precision=precision))
+    result = export_onnx(tiny_base, tmp_path, BuildConfig(precision=precision, ffn_precision=None))  # all `precision`
     ops = {n.op_type for n in __import__("onnx").load(str(result.model_file), load_external_data=False).graph.node}
     assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops and "MatMul" not in ops
     diff, agree = _compare_three_modes(tiny_base, result.model_file)
@@ -227,16 +227,18 @@ def test_quantised_embedding_rows_equal_the_lm_head_blocks(tmp_path: Path, bits:
 
 @pytest.mark.slow
 def test_real_base_model_default_export_is_faithful(tmp_path: Path, roster_dir: Path) -> None:
-    """SmolLM2-135M at the default precision: verification passes and the file is < 0.3x the fp32 weights."""
-    from builder.artifact import chat_template, probe_prompts
+    """SmolLM2-135M exported as the default settings export the base (ffn_keep 1.0): verification passes and the
+    file is < 0.3x the fp32 weights."""
+    from builder.artifact import chat_template, export_settings, probe_prompts
     from builder.basemodel import ensure_base_model
     from builder.cards import load_character
     from builder.config import resolve_config
     from builder.verify import verify_export
 
     base = ensure_base_model()
-    config = resolve_config("default", {"threads": 1})
-    result = export_onnx(base.path, tmp_path, config)
+    config = export_settings(resolve_config("default", {"threads": 1}), base_ffn=True, widened=False)
+    assert config.ffn_setting("precision") == config.precision == "int8"
+    result = export_onnx(base.path, tmp_path, config, base_ffn=True)
     prompts = probe_prompts(load_character(roster_dir / "magda.yaml"), chat_template(base.path), config)
     verification = verify_export(base.path, result.model_file, prompts, config)
     assert verification.passed and verification.kl < 0.02 and verification.top1_agreement >= 0.9, verification
@@ -256,8 +258,8 @@ def test_ffn_precision_narrows_only_the_characters_own_weights(tiny_base: Path, 
     import onnx
     from onnx import helper
 
-    full = export_onnx(tiny_base, tmp_path / "int8", BuildConfig(precision="int8"))
-    mixed = export_onnx(tiny_base, tmp_path / "mixed", BuildConfig(precision="int8", ffn_precision="int4"))
+    full = export_onnx(tiny_base, tmp_path / "int8", BuildConfig(precision="int8", ffn_precision="int8"))
+    mixed = export_onnx(tiny_base, tmp_path / "mixed", BuildConfig())  # the default: int8 trunk, int4 FFN
     bits = {n.input[1].rsplit(".", 1)[0]: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
             for n in onnx.load(str(mixed.model_file), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
     assert {b for name, b in bits.items() if ".mlp." in name} == {4}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -12,7 +13,7 @@ from builder import lm
 from builder.basemodel import load_model
 from builder.config import BuildConfig
 from builder.export import export_onnx
-from builder.gptq import ffn_hessians, gptq_blocks, load_hessians, save_hessians
+from builder.gptq import ffn_hessians, gptq_blocks, load_hessians, save_hessians, shipped_ffn
 from builder.quant import dequantize_blocks, quantize_blocks
 
 
@@ -84,3 +85,48 @@ def test_export_with_hessians_is_closer_to_the_checkpoint(tiny_base: Path, tmp_p
     # random weights make near-isotropic activations, so the gain is small here (0.097 vs 0.112); the strong
     # effect on correlated inputs is the test above
     assert errors["gptq"] < 0.95 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize("ffn_precision,with_stats", [("int4", True), ("int4", False), ("int8", False)])
+def test_the_evaluated_ffn_is_the_one_the_artifact_holds(tiny_base: Path, tmp_path: Path, ffn_precision: str,
+                                                         with_stats: bool) -> None:
+    """builder.prune evaluates a copy through `shipped_ffn`: its FFN weights must be exactly what the export
+    stores, and with the rest of the graph in fp32 the artifact must compute what that copy computes."""
+    from onnx import numpy_helper
+
+    model, tok = load_model(tiny_base)
+    rng = np.random.RandomState(1)
+    data = lm.SeqSet([], [lm.Seq(rng.randint(3, 500, size=40).tolist(), [True] * 40) for _ in range(12)])
+    hessians = ffn_hessians(model, data, 8, tok.pad_token_id) if with_stats else None
+    level = 0 if ffn_precision == "int4" else 4
+    config = BuildConfig(precision="fp32", ffn_precision=ffn_precision, ffn_accuracy_level=level,
+                         quant_block_size=32)
+    result = export_onnx(tiny_base, tmp_path / "x", config,
+                         save_hessians(hessians, tmp_path / "h.safetensors") if with_stats else None)
+    shipped = load_model(tiny_base)[0]
+    what = shipped_ffn(shipped, hessians, config)
+    assert what == f"{ffn_precision}, {'GPTQ' if with_stats else 'rounded to nearest'}, 32-wide blocks"
+
+    bits = int(ffn_precision[3:])
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(result.model_file)).graph.initializer}
+    ours = dict(shipped.named_parameters())
+    for name, p in model.named_parameters():
+        if ".mlp." in name:
+            stem = name.removesuffix(".weight")
+            stored = dequantize_blocks(inits[f"{stem}.qweight"], inits[f"{stem}.scales"], inits[f"{stem}.zero_points"],
+                                       bits, p.shape[1])
+            assert np.array_equal(ours[name].detach().numpy(), stored), name
+            assert not torch.equal(ours[name], p), name
+        else:
+            assert torch.equal(ours[name], p), name
+
+    if level == 0:  # int4 weights at fp32 compute: torch on the shipped copy is the artifact to float precision
+        sess = ort.InferenceSession(str(result.model_file), providers=["CPUExecutionProvider"])
+        ids = np.array([data.seqs[0].ids], np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        feed.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs()[2:]})
+        with torch.no_grad():
+            ref = shipped(torch.tensor(ids)).logits[0, -1].numpy()
+            unrounded = model(torch.tensor(ids)).logits[0, -1].numpy()
+        got = sess.run(["logits"], feed)[0][0, -1]
+        assert np.abs(got - ref).max() < 1e-3 < np.abs(got - unrounded).max()
