@@ -1,7 +1,7 @@
 """Export benchmark: our fused ONNX graph (default artifact settings) against the dense base exported the same way,
 fp32, optimum-onnx's export and llama.cpp on the base GGUF — size, prefill, decode speed and fidelity.
 
-Usage: python bench/export.py [--checkpoint DIR] [--keep 0.75] [--reps 3] [--threads 1,2] [--json]
+Usage: python bench/export.py [--checkpoint DIR [--hessians FILE]] [--keep 0.875] [--reps 3] [--threads 1,2] [--json]
 Without --checkpoint the pruned model is the sample blacksmith persona-pruned to `--keep` with the fast preset (built
 once and cached); any character checkpoint can be passed instead. Our graphs run the way the runtime runs them
 (ORT's C API, in-place KV buffers); one row repeats the default artifact through the Python binding with a KV cache
@@ -224,28 +224,29 @@ def main(argv: list[str] | None = None) -> int:
     default = resolve_config()
     variants: dict[str, dict[str, Any]] = {}
 
-    def ours(name: str, checkpoint: Path, precision: str, ffn_precision: str | None = None,
-             stats: Path | None = None) -> None:
+    def ours(name: str, checkpoint: Path, stats: Path | None = None, **settings: Any) -> None:
         # exports are cached per checkpoint folder, settings and statistics (seconds each; optimum's takes minutes)
-        config = resolve_config("default", {"precision": precision, "ffn_precision": ffn_precision})
+        config = resolve_config("default", settings)
         key = f"{checkpoint.resolve()}:{config.fingerprint()}:{stats}:{builder_version()}"
         tag = hashlib.sha256(key.encode()).hexdigest()[:8]
-        folder = work / f"npcforge-{precision}-{checkpoint.name}-{tag}"
+        folder = work / f"npcforge-{config.precision}-{checkpoint.name}-{tag}"
         if not (folder / "model.onnx").is_file():
             export_onnx(checkpoint, folder, config, stats)
         variants[name] = {"file": folder / "model.onnx", "ckpt": checkpoint,
                           "mb": sum(f.stat().st_size for f in folder.iterdir()) / 1e6}
 
-    ours(f"npcforge {default.precision}, FFN keep {args.keep} (default artifact)", pruned, default.precision,
-         stats=hessians)
+    labels = {"default": f"npcforge default artifact ({default.precision}, FFN {default.ffn_setting('precision')}), "
+                         f"FFN keep {args.keep}",
+              "int8-FFN": f"npcforge {default.precision}, int8 FFN, FFN keep {args.keep}"}
+    ours(labels["default"], pruned, hessians)
     variants["  same, copying KV (Python binding, no in-place buffer)"] = dict(next(iter(variants.values())),
                                                                            copying=True)
-    ours(f"npcforge {default.precision}, int4 FFN (GPTQ), FFN keep {args.keep}", pruned, default.precision, "int4",
-         hessians)
-    ours("  same, int4 FFN rounded to nearest (no GPTQ)", pruned, default.precision, "int4")
-    ours(f"npcforge {default.precision}, dense", base.path, default.precision)
-    ours("npcforge int4, dense", base.path, "int4")
-    ours("npcforge fp32, dense", base.path, "fp32")
+    ours("  same, int4 FFN rounded to nearest (no GPTQ)", pruned)
+    ours(labels["int8-FFN"], pruned, ffn_precision="int8")
+    ours(f"npcforge {default.precision}, dense (int8 FFN)", base.path, ffn_precision="int8")
+    ours(f"npcforge {default.precision}, dense, int4 FFN rounded to nearest", base.path)
+    ours("npcforge int4, dense", base.path, precision="int4")
+    ours("npcforge fp32, dense", base.path, precision="fp32", ffn_precision="fp32")
     skipped: dict[str, str] = {}
     try:
         from optimum.exporters.onnx import main_export
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
              **{k: round(val, 1) for k, val in v.items() if k.startswith(("prefill", "decode"))}}
             for name, v in variants.items()]
     out = {"prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "reps": args.reps, "rows": rows,
-           "skipped": skipped, "ratios": ratios(rows, threads, default.precision, args.keep)}
+           "skipped": skipped, "ratios": ratios(rows, threads, labels)}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -299,12 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ratios(rows: list[dict], threads: list[int], precision: str, keep: float) -> dict[str, float]:
-    """The targets: the default artifact as the runtime runs it against llama.cpp and the dense fp32 exports."""
+def ratios(rows: list[dict], threads: list[int], labels: dict[str, str]) -> dict[str, float]:
+    """The targets: the default artifact (and, for scale, its int8-FFN twin) as the runtime runs them against
+    llama.cpp and the dense fp32 exports. `labels`: tag -> variant name."""
     by = {r["variant"]: r for r in rows}
-    mine = {"default": by[f"npcforge {precision}, FFN keep {keep} (default artifact)"]}
-    if f"npcforge {precision}, int4 FFN (GPTQ), FFN keep {keep}" in by:
-        mine["int4-FFN"] = by[f"npcforge {precision}, int4 FFN (GPTQ), FFN keep {keep}"]
+    mine = {tag: by[name] for tag, name in labels.items()}
     out: dict[str, float] = {}
     for name, label in (("llama.cpp, Q4_1 GGUF", "llama.cpp"), ("optimum-onnx fp32, dense", "optimum fp32 dense"),
                         ("npcforge fp32, dense", "our fp32 dense")):
