@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DIST   ?= dist
-# The two NPCs the demo talks to; `make demo DEMO_ONLY=` builds the whole roster (~15 CPU-minutes each).
+# The two NPCs the demo talks to; `make demo DEMO_ONLY=` builds the whole roster (~20 CPU-minutes each on 2 AVX2 cores).
 DEMO_ONLY ?= --only magda --only rosie
 
 .PHONY: install system-deps demo test test-fast clean
