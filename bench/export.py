@@ -8,7 +8,9 @@ once and cached); any character checkpoint can be passed instead. Our graphs run
 that the graph copies every step, the plain ONNX contract.
 Every variant runs the same ~200-token NPC chat prompt and 64 greedy tokens; runs are interleaved (variant after
 variant, rep after rep) and medians reported. Fidelity: teacher-forced top-1 agreement with the model's OWN fp32
-torch checkpoint over 64 tokens. optimum-onnx (bench-only extra: optimum-onnx==0.1.0, optimum==2.1.0) and llama_cpp
+torch checkpoint over 64 tokens, and for the character's rows "as gated": with that checkpoint as the build's
+quality gate judged it (its FFN replaced by the row's codes, builder.gptq.shipped_ffn), so a gap in the first
+column that closes in the second is the FFN's rounding, already in the gate's figures. optimum-onnx (bench-only extra: optimum-onnx==0.1.0, optimum==2.1.0) and llama_cpp
 rows say "not installed" when missing. Timings on a shared CPU are noisy: compare ratios taken in one run.
 """
 from __future__ import annotations
@@ -151,13 +153,20 @@ class LlamaCppRunner:
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,)).copy()
 
 
-def torch_reference(checkpoint: Path, prompt: list[int], n: int) -> list[int]:
+def torch_reference(checkpoint: Path, prompt: list[int], n: int, gated: tuple[Any, Path | None] | None = None
+                    ) -> list[int]:
+    """Greedy tokens of the fp32 checkpoint; with `gated` (config, statistics) its FFN is first replaced by the codes
+    an export with those settings stores (builder.gptq.shipped_ffn): the model the build's quality gate judged."""
     import torch
 
     from builder.basemodel import load_model
+    from builder.gptq import load_hessians, shipped_ffn
     from builder.verify import _torch_greedy
 
     model, _ = load_model(checkpoint, torch.float32)
+    if gated:
+        config, stats = gated
+        shipped_ffn(model, load_hessians(stats) if stats else None, config)
     return _torch_greedy(model, prompt, n)[0]
 
 
@@ -232,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = work / f"npcforge-{config.precision}-{checkpoint.name}-{tag}"
         if not (folder / "model.onnx").is_file():
             export_onnx(checkpoint, folder, config, stats)
-        variants[name] = {"file": folder / "model.onnx", "ckpt": checkpoint,
+        variants[name] = {"file": folder / "model.onnx", "ckpt": checkpoint, "gated": (config, stats),
                           "mb": sum(f.stat().st_size for f in folder.iterdir()) / 1e6}
 
     labels = {"default": f"npcforge default artifact ({default.precision}, FFN {default.ffn_setting('precision')}), "
@@ -269,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     prompt = bench_prompt(base, args.prompt_tokens)
     refs = {str(c): torch_reference(c, prompt, args.new_tokens) for c in {str(v["ckpt"]): v["ckpt"]
                                                                              for v in variants.values()}.values()}
+    # the character's checkpoint as the gate judged it, per FFN setting: how much of a top-1 gap is the FFN's rounding
+    gated = {name: torch_reference(pruned, prompt, args.new_tokens, v["gated"]) for name, v in variants.items()
+             if v["ckpt"] == pruned and not v.get("copying")}
     threads = [int(t) for t in args.threads.split(",")]
     for t in threads:
         runners = {name: (LlamaCppRunner(v["gguf"], t) if "gguf" in v else
@@ -277,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         if t == threads[0]:
             for name, r in runners.items():
                 variants[name]["agreement"] = agreement(r, prompt, refs[str(variants[name]["ckpt"])])
+                if name in gated:
+                    variants[name]["agreement_gated"] = agreement(r, prompt, gated[name])
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for rep in range(args.reps + 1):
             for name, r in runners.items():
@@ -289,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         del runners
 
     rows = [{"variant": name, "mb": round(v["mb"], 1), "agreement": v["agreement"],
+             **({"agreement_gated": v["agreement_gated"]} if "agreement_gated" in v else {}),
              **{k: round(val, 1) for k, val in v.items() if k.startswith(("prefill", "decode"))}}
             for name, v in variants.items()]
     out = {"prompt_tokens": len(prompt), "new_tokens": args.new_tokens, "reps": args.reps, "rows": rows,
@@ -320,9 +335,10 @@ def ratios(rows: list[dict], threads: list[int], labels: dict[str, str]) -> dict
 
 
 def print_table(out: dict, threads: list[int]) -> None:
-    cols = ["mb"] + [f"prefill_ms_{t}t" for t in threads] + [f"decode_tps_{t}t" for t in threads] + ["agreement"]
+    cols = ["mb"] + [f"prefill_ms_{t}t" for t in threads] + [f"decode_tps_{t}t" for t in threads] + \
+        ["agreement", "agreement_gated"]
     heads = ["MB"] + [f"prefill ms {t}t" for t in threads] + [f"tok/s {t}t" for t in threads] + \
-        [f"top-1 /{out['new_tokens']}"]
+        [f"top-1 /{out['new_tokens']}", "as gated"]
     print(f"prompt {out['prompt_tokens']} tokens, {out['new_tokens']} greedy tokens, median of {out['reps']} "
           "interleaved runs (shared CPU: compare ratios)")
     width = max(len(r["variant"]) for r in out["rows"]) + 2
