@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.config import BuildConfig
-from builder.gptq import gptq_blocks, hessian_key, load_hessians, wanted as gptq_wanted
+from builder.gptq import hessian_key, load_hessians, quantize_weight, wanted as gptq_wanted
 from builder.quant import quantize_blocks
 
 log = logging.getLogger(__name__)
@@ -245,10 +245,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
 
         def store_q(name: str, weight: np.ndarray, shared: bool, nbits: int = bits,
                     hessian: np.ndarray | None = None, block: int = config.quant_block_size) -> list[str]:
-            if hessian is None:
-                packed, scales, zp = quantize_blocks(weight, nbits, block)
-            else:
-                packed, scales, zp = gptq_blocks(weight, hessian, nbits, block, config.gptq_damp)
+            packed, scales, zp = quantize_weight(weight, hessian, nbits, block, config.gptq_damp)
             return [g.weight(f"{name}.qweight", packed, shared),
                     g.weight(f"{name}.scales", scales.reshape(packed.shape[0], -1), shared),
                     g.weight(f"{name}.zero_points", zp, shared)]

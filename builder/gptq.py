@@ -111,6 +111,13 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     return pack_blocks(in_place.reshape(n, nb, block), scales, zps, bits)
 
 
+def quantize_weight(w: np.ndarray, hessian: np.ndarray | None, bits: int, block: int,
+                    damp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (N, K) weight's block codes as the export stores them: GPTQ against its input statistics when it has any,
+    else rounded to nearest. The one rule the export and `shipped_ffn` share."""
+    return gptq_blocks(w, hessian, bits, block, damp) if hessian is not None else quantize_blocks(w, bits, block)
+
+
 def shipped_ffn(model, hessians: dict[str, np.ndarray] | None, config) -> str:
     """Overwrite every FFN weight of `model` (in place; a copy of the checkpoint's model) with what the artifact
     computes with, by the export's own calls: GPTQ codes with `hessians`, else rounded to nearest, at the FFN's
@@ -125,7 +132,7 @@ def shipped_ffn(model, hessians: dict[str, np.ndarray] | None, config) -> str:
         for name, p in model.named_parameters():
             if ".mlp." in name and name.endswith("_proj.weight"):
                 w = p.detach().float().cpu().numpy()
-                q = (gptq_blocks(w, hessians[hessian_key(name)], bits, block, config.gptq_damp) if hessians
-                     else quantize_blocks(w, bits, block))
+                q = quantize_weight(w, hessians[hessian_key(name)] if hessians else None, bits, block,
+                                    config.gptq_damp)
                 p.copy_(torch.from_numpy(dequantize_blocks(*q, bits, w.shape[1])))
     return f"{precision}, {'GPTQ' if hessians else 'rounded to nearest'}, {block}-wide blocks"
