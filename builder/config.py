@@ -23,8 +23,9 @@ class BuildConfig:
     # --- what to build ---
     method: str = "persona-pruner"  # the paper's learned mask; baselines exist for the benchmark
     # fraction of FFN channels kept. 0.875 with an int4 FFN (ffn_precision) rather than 0.75 at int8: fewer bytes
-    # (0.62x the FFN), lower KL (fast, GPTQ codes as shipped: 0.17-0.18 against 0.25-0.30 on aldric, magda, rosie)
-    # and faster decoding (docs/quality.md, session 21); its top-1 to its own fp32 checkpoint falls to 53-59/64, the
+    # (0.62x the FFN), lower KL (fast, GPTQ codes as shipped: 0.17-0.18 against 0.25-0.30 on aldric, magda, rosie;
+    # 0.143 and 0.149 at `default` on aldric and finnian, under the 0.15) and faster decoding (docs/quality.md,
+    # sessions 21-22); its top-1 to its own fp32 checkpoint falls to 53-59/64, the
     # int4 rounding the gate now prices in. At 0.75 int4 rounding pushes magda over max_kl; at 0.5 all 8 sample
     # characters fail max_kl even in fp32 (KL 0.42-0.54, the roster on a lent H100)
     ffn_keep: float = 0.875

@@ -221,7 +221,9 @@ class Generation:
 
 class Scheduler:
     """Worker threads taking turns over the active generations: one step each, then back of the queue; a
-    generation whose reader has fallen behind is set aside (paused) until the reader catches up or cancels."""
+    generation whose reader has fallen behind is set aside (paused) until the reader catches up or cancels. While no
+    other generation waits, a worker takes the next step of its own: handing it to another worker would wake a
+    thread per token, and move the step to another core."""
 
     def __init__(self, workers: int) -> None:
         self._ready: deque[Generation] = deque()
@@ -243,17 +245,20 @@ class Scheduler:
             self._cv.notify()
 
     def _work(self) -> None:
+        gen: Generation | None = None  # the generation this worker steps next
         while True:
-            with self._cv:
-                while not self._ready and not self._stopping:
-                    self._cv.wait()
-                if self._stopping and not self._ready:
-                    return
-                gen = self._ready.popleft()
+            if gen is None:
+                with self._cv:
+                    while not self._ready and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping and not self._ready:
+                        return
+                    gen = self._ready.popleft()
             done = gen.step()
             with self._cv:
                 if done:
                     self._live.discard(gen)
+                    gen = None
                     continue
                 if gen.stream.behind():  # rare: only then is a resume hook made
                     # the hook goes in before the second check: a reader draining meanwhile finds it (and waits
@@ -261,10 +266,12 @@ class Scheduler:
                     gen.stream._resume = lambda gen=gen: self._unpause(gen)
                     if gen.stream.behind():
                         self._paused.add(gen)
+                        gen = None
                         continue
                     gen.stream._resume = None
-                self._ready.append(gen)
-                self._cv.notify()
+                if self._ready:  # others wait: this one goes to the back of the queue, the first one is next
+                    self._ready.append(gen)
+                    gen = self._ready.popleft()
 
     def _unpause(self, gen: Generation) -> None:
         with self._cv:

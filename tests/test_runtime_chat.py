@@ -152,6 +152,32 @@ def test_concurrent_conversations_match_sequential(tiny_dist: Path):
         assert pool.stats()["active_generations"] == 0
 
 
+def test_a_lone_reply_stays_on_one_worker(tiny_dist: Path, monkeypatch: pytest.MonkeyPatch):
+    """With nothing else to run, every step of a reply runs on the worker that took it (a hand-over per token
+    would wake another thread each time); with two replies on two workers, both advance."""
+    from runtime.generation import Generation
+
+    steps: list[tuple[str, str]] = []
+    step = Generation.step
+
+    def recorded(gen: Generation) -> bool:
+        steps.append((gen.conv.session, threading.current_thread().name))
+        return step(gen)
+
+    monkeypatch.setattr(Generation, "step", recorded)
+    with NPCPool(tiny_dist, threads=1, config=RuntimeConfig(workers=2)) as pool:
+        cid = ids(pool)[0]
+        pool.load(cid)
+        r = pool.chat(cid, "alone", "Talk.", max_tokens=40, temperature=1.0, top_k=0, seed=4).wait()
+        assert r.completion_tokens > 5
+        assert len({name for s, name in steps if s == "alone"}) == 1
+        steps.clear()
+        both = [pool.chat(cid, s, "Talk.", max_tokens=40, temperature=1.0, top_k=0, seed=4) for s in ("a", "b")]
+        assert [s.wait().completion_tokens for s in both] == [r.completion_tokens] * 2
+        first_done = min(max(i for i, (s, _) in enumerate(steps) if s == name) for name in ("a", "b"))
+        assert {s for s, _ in steps[:first_done]} == {"a", "b"}  # neither waited for the other to finish
+
+
 def test_chat_loads_a_character_while_others_generate(tiny_dist: Path):
     with NPCPool(tiny_dist, threads=1, config=RuntimeConfig(workers=2)) as pool:
         a, b = ids(pool)[:2]
