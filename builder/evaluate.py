@@ -24,6 +24,7 @@ import base64
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -114,10 +115,15 @@ def judge_uncertain(drop: float, se: float, config: BuildConfig) -> bool:
 
 def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: str, other_prompts: list[str],
              heldout: list[tuple[str, str]], examples: lm.SeqSet, generic: lm.SeqSet, config: BuildConfig,
-             batch: int = 8, dense_cache: dict | None = None) -> dict:
+             batch: int = 8, dense_cache: dict | None = None,
+             progress: Callable[[str], None] | None = None) -> dict:
     """All metrics for one character. `heldout` is (query, dense reference answer); `other_prompts` are the
     system prompts of the other personas the judge must tell this character from. `dense_cache` keeps the dense
-    model's judged answers, which are the same for every pruned model compared (a wider retry draws only its own)."""
+    model's judged answers, which are the same for every pruned model compared (a wider retry draws only its own).
+    `progress` (default: the log) gets a line per step ("evaluate: ..."): at `default` a borderline character's
+    four judge rounds are half an hour of a build on two cores, and whoever watches it should see which round it is
+    in."""
+    say = progress or log.info
     pad = tok.pad_token_id
     held = lm.SeqSet(lm.chat_seq(tok, system, [])[0],
                      [lm.chat_seq(tok, system, [("user", q), ("assistant", a)])[1] for q, a in heldout])
@@ -125,6 +131,7 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
     tf = teacher_forced(dense, pruned, held, batch, pad)
     m.update({"kl": tf["kl"], "ce_dense": tf["ce_dense"], "ce_pruned": tf["ce_pruned"],
               "top1_agreement": tf["top1_agreement"], "kl_tokens": tf["tokens"]})
+    say(f"evaluate: held-out KL {tf['kl']:.3f} nats/token over {tf['tokens']} answer tokens")
 
     queries = [q for q, _ in heldout]
     prompts = [system] + other_prompts
@@ -141,6 +148,8 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
         for name, side in sides.items():
             missing = rounds - side.rounds(len(queries)) if queries else 0
             for _ in range(missing):
+                say(f"evaluate: judge round {side.rounds(len(queries)) + 1}, {name}: {len(queries)} answers "
+                    f"scored under {len(prompts)} personas")
                 side.draw(models[name], tok, persona_judge, prompts, queries, config)
             if missing > 0 and name == "dense":
                 cache[key] = side  # stored again: a build cache on disk keeps what it was given
@@ -149,8 +158,8 @@ def evaluate(dense, pruned, tok, persona_judge: judging.PersonaJudge, system: st
         se = drop_se(hits["dense"], hits["pruned"])
         if rounds >= max(config.judge_max_samples, config.judge_samples) or not judge_uncertain(drop, se, config):
             break
-        log.info("judge: dense - pruned %.3f ± %.3f over %d answers is too close to max_judge_drop %.2f: "
-                 "drawing round %d", drop, se, n, config.max_judge_drop, rounds + 1)
+        say(f"evaluate: judge dense - pruned {drop:.3f} ± {se:.3f} over {n} answers is too close to "
+            f"max_judge_drop {config.max_judge_drop:.2f} to call: drawing round {rounds + 1}")
         rounds += 1
     for name, side in sides.items():
         m.update({f"{k}_{name}": v for k, v in judging.identification(side.scores[:n]).items()})

@@ -235,7 +235,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     metrics = evaluate(ctx.model, pruned, tok, ctx.judge, cal.system, reference_prompts(character, ctx, config),
                        [(e.query, e.answers[0]) for e in cal.heldout], example_seqs(tok, character, config),
                        generic_seqs(tok, ctx.generic_eval, n_eval_generic, config.max_seq_len), config,
-                       config.forward_batch, ctx.dense_evals)
+                       config.forward_batch, ctx.dense_evals, say)
     passed, reasons = gate(metrics, config)
     samples = metrics.pop("samples")
     cpu = time.process_time() - start

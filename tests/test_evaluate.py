@@ -171,17 +171,25 @@ def test_a_borderline_judge_draws_more_rounds(dense, tmp_path):
     empty = lm.SeqSet([])
     persona_judge = judge.PersonaJudge(model, tok, 4)
 
-    def run(cache, **over):
+    def run(cache, lines=None, **over):
         config = tiny_config(**{"teacher_max_tokens": 12, **over})
-        return evaluate(model, pruned, tok, persona_judge, SYSTEM, [OTHER], heldout, empty, empty, config, 4, cache)
+        return evaluate(model, pruned, tok, persona_judge, SYSTEM, [OTHER], heldout, empty, empty, config, 4, cache,
+                        None if lines is None else lines.append)
 
     cache: dict = {}
     first = run(cache, judge_samples=1, judge_max_samples=1)
     drop = first["judge_accuracy_dense"] - first["judge_accuracy_pruned"]
     assert first["judge_rounds"] == 1 and first["judge_drop_se"] > 0, "the perturbation must change some verdicts"
     # the gate's line at the measured difference and a wide margin: too close to call until the cap
-    wide = run(cache, judge_samples=1, judge_max_samples=3, max_judge_drop=drop, judge_confidence=100.0)
+    lines: list[str] = []
+    wide = run(cache, lines, judge_samples=1, judge_max_samples=3, max_judge_drop=drop, judge_confidence=100.0)
     assert wide["judge_rounds"] == 3 and wide["judged_answers"] == 3 * len(queries)
+    # the progress says each round as it is drawn (dense's first comes from the cache) and why another is drawn
+    assert lines[0].startswith("evaluate: held-out KL ")
+    assert [line for line in lines if "judge round" in line] == [
+        f"evaluate: judge round {r}, {name}: 8 answers scored under 2 personas"
+        for r, name in [(1, "pruned"), (2, "dense"), (2, "pruned"), (3, "dense"), (3, "pruned")]]
+    assert [line.rsplit(": ", 1)[1] for line in lines if "too close" in line] == ["drawing round 2", "drawing round 3"]
     assert wide["samples"] == first["samples"]  # the first round is the one a single round draws
     # the statistics are those of all answers drawn
     (side,) = cache.values()

@@ -27,8 +27,10 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
     stages: list[str] = []
     result = prune_character(character, ctx, base, config, tmp_path / "a", stages.append)
 
-    assert [s.split(":")[0] for s in stages if not s.startswith("calibration")] == [
+    # stages in order, each charged from its first line to the next stage's (evaluate says each judge round too)
+    assert list(dict.fromkeys(s.split(":")[0] for s in stages if not s.startswith("calibration"))) == [
         "selection", "refit", "heal", "gptq", "shrink", "evaluate"]
+    assert [s.split(":")[0] for s in stages][-1] == "evaluate" and any("judge round 1, pruned" in s for s in stages)
     k = round_channels(128, 0.5, 16)
     # builder.widths moves channels between the layers in steps of width_step (16 here) at the same total
     widths = [len(c) for c in result.kept_channels]
