@@ -113,12 +113,17 @@ class FfnCodes:
 _PARTS = ("qweight", "scales", "zero_points")
 
 
+def _ffn_weights(model) -> list:
+    """(name, parameter) of every FFN projection weight of a torch model."""
+    return [(n, p) for n, p in model.named_parameters() if ".mlp." in n and n.endswith("_proj.weight")]
+
+
 def ffn_codes(model, hessians: dict[str, np.ndarray], config) -> FfnCodes:
     """GPTQ codes of every FFN weight of `model` (torch) against its input statistics, at the FFN's precision."""
     bits, block = int(config.ffn_setting("precision").removeprefix("int")), config.ffn_setting("quant_block_size")
     weights = {name: gptq_blocks(p.detach().float().cpu().numpy(), hessians[hessian_key(name)], bits, block,
                                  config.gptq_damp)
-               for name, p in model.named_parameters() if ".mlp." in name and name.endswith("_proj.weight")}
+               for name, p in _ffn_weights(model)}
     return FfnCodes(bits, block, weights)
 
 
@@ -166,8 +171,7 @@ def shipped_ffn(model, codes: FfnCodes | None, config) -> str:
         return "fp32"
     bits, block = int(precision.removeprefix("int")), config.ffn_setting("quant_block_size")
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mlp." in name and name.endswith("_proj.weight"):
-                q = codes.weights[name] if codes else quantize_blocks(p.detach().float().cpu().numpy(), bits, block)
-                p.copy_(torch.from_numpy(dequantize_blocks(*q, bits, p.shape[1])))
+        for name, p in _ffn_weights(model):
+            q = codes.weights[name] if codes else quantize_blocks(p.detach().float().cpu().numpy(), bits, block)
+            p.copy_(torch.from_numpy(dequantize_blocks(*q, bits, p.shape[1])))
     return f"{precision}, {'GPTQ' if codes else 'rounded to nearest'}, {block}-wide blocks"
