@@ -264,8 +264,12 @@ def export_onnx(checkpoint: Path, out_dir: Path, config: BuildConfig, ffn_codes:
 
         def store_q(name: str, weight: np.ndarray, shared: bool, nbits: int = bits,
                     block: int = config.quant_block_size) -> list[str]:
-            given = codes.weights.get(f"{name}.weight") if codes and not shared else None
-            packed, scales, zp = given if given is not None else quantize_blocks(weight, nbits, block)
+            if codes and not shared:  # a character's own FFN: the codes the gate judged, every one of them
+                if f"{name}.weight" not in codes.weights:
+                    raise ExportError(f"{ffn_codes}: no codes for {name}.weight; rebuild the character")
+                packed, scales, zp = codes.weights[f"{name}.weight"]
+            else:
+                packed, scales, zp = quantize_blocks(weight, nbits, block)
             return [g.weight(f"{name}.qweight", packed, shared),
                     g.weight(f"{name}.scales", scales.reshape(packed.shape[0], -1), shared),
                     g.weight(f"{name}.zero_points", zp, shared)]

@@ -107,7 +107,7 @@ class FfnCodes:
     bits: int
     block: int
     weights: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
-    checkpoint_sha256: str = ""  # builder.basemodel.weights_sha256 of the checkpoint they were made from
+    checkpoint_sha256: str = ""  # weights_sha256 of their checkpoint, as save_codes wrote it (load_codes)
 
 
 _PARTS = ("qweight", "scales", "zero_points")

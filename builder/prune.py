@@ -32,7 +32,7 @@ from builder.calibration import (Calibration, Persona, calibrate, calibration_fr
 from builder.cards import Character, substitute
 from builder.config import BuildConfig, round_channels
 from builder.evaluate import JudgedAnswers, evaluate, gate
-from builder.gptq import ffn_codes as gptq_codes, ffn_hessians, save_codes, shipped_ffn, wanted as gptq_wanted
+from builder.gptq import ffn_codes, ffn_hessians, save_codes, shipped_ffn, wanted as gptq_wanted
 from builder.heal import heal, reply_source
 from builder.judge import PersonaJudge
 from builder.refit import gram_matrices, refit_down
@@ -218,7 +218,7 @@ def prune_character(character: Character, roster: Any, base: BaseModel, config: 
     codes = None
     if gptq_wanted(config):
         say("gptq: activation statistics of the healed FFN, then its codes")
-        codes = gptq_codes(student, ffn_hessians(student, heal_set, config.forward_batch, pad), config)
+        codes = ffn_codes(student, ffn_hessians(student, heal_set, config.forward_batch, pad), config)
 
     say("shrink: writing the checkpoint")
     student.to("cpu")

@@ -147,8 +147,8 @@ def test_the_export_refuses_codes_it_was_not_given_for(tiny_base: Path, tmp_path
     model, tok = load_model(tiny_base)
     data = lm.SeqSet([], [lm.Seq(list(range(3, 43)), [True] * 40) for _ in range(4)])
     config = BuildConfig(precision="fp32", ffn_precision="int4", quant_block_size=32)
-    path = save_codes(ffn_codes(model, ffn_hessians(model, data, 8, tok.pad_token_id), config), tiny_base,
-                      tmp_path / "c.safetensors")
+    codes = ffn_codes(model, ffn_hessians(model, data, 8, tok.pad_token_id), config)
+    path = save_codes(codes, tiny_base, tmp_path / "c.safetensors")
     with pytest.raises(ExportError, match=r"c\.safetensors: the codes are int4 in 32-wide blocks, the export asks for "
                                           r"int4 in 64-wide"):
         export_onnx(tiny_base, tmp_path / "wide", BuildConfig(precision="fp32", ffn_precision="int4"), path)
@@ -167,3 +167,8 @@ def test_the_export_refuses_codes_it_was_not_given_for(tiny_base: Path, tmp_path
     with pytest.raises(ExportError, match="damaged.safetensors: cannot read the FFN codes"):
         export_onnx(tiny_base, tmp_path / "damaged-export", config, damaged)
     assert not (tmp_path / "wide").exists()  # refused before anything was written
+
+    del codes.weights["model.layers.1.mlp.down_proj.weight"]  # a weight without codes would ship rounded to nearest
+    partial = save_codes(codes, tiny_base, tmp_path / "partial.safetensors")
+    with pytest.raises(ExportError, match=r"partial\.safetensors: no codes for model\.layers\.1\.mlp\.down_proj"):
+        export_onnx(tiny_base, tmp_path / "partial-export", config, partial)
