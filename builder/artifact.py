@@ -3,7 +3,8 @@
 `write_artifact(checkpoint, character, out_dir, config, base, prune=None)` exports the checkpoint to ONNX, verifies
 it against torch, copies the tokenizer, writes character.json, the report and manifest.json (with every file's size
 and sha256), all in a temporary sibling folder renamed into place: an artifact is complete or absent.
-`check_artifact(folder)` re-verifies a folder's files against its manifest; `read_manifest` loads one.
+`check_artifact(folder)` re-verifies a folder's files against its manifest; `read_manifest` loads one. Both read
+through runtime.artifact, the format's one reader, so what the builder accepts is what a game will load.
 """
 from __future__ import annotations
 
@@ -17,22 +18,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from builder.basemodel import BaseModel, file_sha256
+from builder.basemodel import BaseModel
 from builder.config import BuildConfig
 from builder.export import export_onnx
+from runtime.artifact import FORMAT, FORMAT_VERSION, artifact_problems, file_sha256, read_artifact
+from runtime.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "npcforge-artifact"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PROBE_QUESTIONS = ("Who are you?", "What do you do around here?", "Any news from town?",
                    "What do you want most?", "Can you help me?", "What do you think of strangers?")
-
-
-class ArtifactError(RuntimeError):
-    """An artifact cannot be built or does not match its manifest; the message names the file."""
 
 
 class VerificationFailed(ArtifactError):
@@ -109,36 +106,16 @@ def probe_prompts(character: Any, template: dict[str, str], config: BuildConfig)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; {folder} is not an npcforge artifact") from None
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e}); rebuild the character") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
-                            f"{FORMAT} v{FORMAT_VERSION}; rebuild with this npcforge")
-    return manifest
+    """The manifest of an artifact folder; ArtifactError naming the file and field when it is not one."""
+    return read_artifact(folder).manifest
 
 
 def check_artifact(folder: Path) -> list[str]:
-    """Every problem of the folder against its manifest (missing file, size or sha256 mismatch); [] when intact."""
-    folder = Path(folder)
+    """Every problem of the folder against its manifest (malformed, missing file, size or sha256); [] when intact."""
     try:
-        manifest = read_manifest(folder)
+        return artifact_problems(read_artifact(folder))
     except ArtifactError as e:
         return [str(e)]
-    problems = []
-    for rel, rec in manifest["files"].items():
-        path = folder / rel
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != rec["size"]:
-            problems.append(f"{path}: size {path.stat().st_size} != manifest {rec['size']}")
-        elif file_sha256(path) != rec["sha256"]:
-            problems.append(f"{path}: sha256 does not match the manifest")
-    return problems
 
 
 def jsonable(value: Any) -> Any:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from runtime.artifact import file_sha256
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -93,14 +95,6 @@ def weights_sha256(folder: Path) -> str:
     for f in sorted(folder.glob("*.safetensors")):
         h.update(f.name.encode())
         h.update(file_sha256(f).encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

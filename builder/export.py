@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from builder.basemodel import SUPPORTED_ARCHITECTURES, weights_sha256
 from builder.config import BuildConfig
 from builder.gptq import FfnCodes, load_codes, wanted as gptq_wanted
 from builder.quant import quantize_blocks
@@ -35,7 +36,6 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 BIG_ALIGN = 64 * 1024
 SMALL_ALIGN = 64
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 class ExportError(RuntimeError):
@@ -201,9 +201,9 @@ def model_shapes(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _check_arch(cfg: dict[str, Any], checkpoint: Path) -> None:
     archs = cfg.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHS for a in archs):
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ExportError(f"{checkpoint / 'config.json'}: architectures {archs} not supported; "
-                          f"export handles {', '.join(SUPPORTED_ARCHS)}")
+                          f"export handles {', '.join(SUPPORTED_ARCHITECTURES)}")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ExportError(f"{checkpoint / 'config.json'}: hidden_act {cfg.get('hidden_act')!r}; only silu (SwiGLU)")
     if cfg.get("mlp_bias"):
@@ -216,8 +216,6 @@ _BITS = {"fp32": 0, "int8": 8, "int4": 4}
 def _codes_for(path: Path, checkpoint: Path, config: BuildConfig) -> FfnCodes:
     """The FFN codes in `path`, checked against the checkpoint they claim to quantise and the FFN layout asked for:
     codes of other weights or another grid would export a model nobody evaluated."""
-    from builder.basemodel import weights_sha256
-
     try:
         codes = load_codes(path)
     except (OSError, ValueError) as e:

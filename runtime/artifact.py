@@ -2,7 +2,9 @@
 
 `read_artifact(dir) -> Artifact` parses manifest.json (cheap: no model bytes are read) and checks the fields the
 runtime relies on. `verify_artifact(artifact)` checks every listed file's size and sha256 and raises `ArtifactError`
-naming the first file that does not match. `read_character(artifact)` returns character.json once verified.
+naming the first file that does not match; `artifact_problems(artifact)` lists them all (`npcforge inspect`).
+`read_character(artifact)` returns character.json once verified. The builder writes what this module reads and
+checks its own output with it, so the format has one reader.
 Hashes of unchanged files (same size, mtime, inode) are remembered for the process, so a character evicted and
 loaded again is not hashed twice.
 """
@@ -14,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -165,21 +167,39 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-def verify_artifact(artifact: Artifact) -> None:
-    """Every file of the manifest present with its size and sha256; sizes first so truncation fails fast."""
-    entries = [(rel, artifact.path / rel, info) for rel, info in artifact.files.items()]
-    for rel, p, info in entries:
+def _problems(artifact: Artifact) -> Iterator[str]:
+    """Each file of the manifest that is missing or differs in size, then each whose sha256 differs.
+
+    Sizes come first, so a truncated file is named before any hashing starts."""
+    entries = [(artifact.path / rel, info) for rel, info in artifact.files.items()]
+    intact = []
+    for p, info in entries:
         try:
             size = os.stat(p).st_size
         except FileNotFoundError:
-            raise ArtifactError(f"{p}: missing from artifact {artifact.id!r}; rebuild or re-copy it") from None
+            yield f"{p}: missing from artifact {artifact.id!r}; rebuild or re-copy it"
+            continue
         if size != int(info["size"]):
-            raise ArtifactError(f"{p}: size {size} bytes, manifest says {info['size']} (truncated or modified); "
-                                f"rebuild or re-copy artifact {artifact.id!r}")
-    for rel, p, info in entries:
+            yield (f"{p}: size {size} bytes, manifest says {info['size']} (truncated or modified); "
+                   f"rebuild or re-copy artifact {artifact.id!r}")
+        else:
+            intact.append((p, info))
+    for p, info in intact:
         if file_sha256(p) != info["sha256"]:
-            raise ArtifactError(f"{p}: sha256 does not match the manifest (file modified or corrupted); "
-                                f"rebuild or re-copy artifact {artifact.id!r}")
+            yield (f"{p}: sha256 does not match the manifest (file modified or corrupted); "
+                   f"rebuild or re-copy artifact {artifact.id!r}")
+
+
+def artifact_problems(artifact: Artifact) -> list[str]:
+    """Every file of the manifest that is missing, of another size or another sha256; [] when intact."""
+    return list(_problems(artifact))
+
+
+def verify_artifact(artifact: Artifact) -> None:
+    """Raise ArtifactError naming the first file that is missing or does not match the manifest."""
+    problem = next(_problems(artifact), None)
+    if problem is not None:
+        raise ArtifactError(problem)
 
 
 def read_character(artifact: Artifact) -> dict[str, Any]:

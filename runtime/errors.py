@@ -14,7 +14,7 @@ class UnknownCharacter(NPCRuntimeError, KeyError):
 
 
 class ArtifactError(NPCRuntimeError):
-    """An artifact is malformed, truncated or tampered with; the message names the file."""
+    """An artifact cannot be written, or is malformed, truncated or tampered with; the message names the file."""
 
 
 class BudgetError(NPCRuntimeError):
