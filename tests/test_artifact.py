@@ -95,6 +95,15 @@ def test_tampering_is_detected_and_named(built: Path, tmp_path: Path, damage: st
     assert len(problems) == 1 and "model.onnx.data" in problems[0]
 
 
+def test_the_check_refuses_what_the_runtime_would_refuse(built: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(built, tmp_path / "copy"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tokenizer"]["eos_token_ids"] = []  # every file still matches its hash
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    problems = check_artifact(copy)
+    assert len(problems) == 1 and "tokenizer.eos_token_ids" in problems[0] and "manifest.json" in problems[0]
+
+
 def test_rebuild_replaces_in_place(tmp_path: Path, tiny_base: Path, character) -> None:
     base = ensure_base_model(tiny_base)
     out = tmp_path / character.id
