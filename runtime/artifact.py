@@ -171,9 +171,9 @@ def _problems(artifact: Artifact) -> Iterator[str]:
     """Each file of the manifest that is missing or differs in size, then each whose sha256 differs.
 
     Sizes come first, so a truncated file is named before any hashing starts."""
-    entries = [(artifact.path / rel, info) for rel, info in artifact.files.items()]
     intact = []
-    for p, info in entries:
+    for rel, info in artifact.files.items():
+        p = artifact.path / rel
         try:
             size = os.stat(p).st_size
         except FileNotFoundError:
