@@ -178,6 +178,39 @@ def test_a_lone_reply_stays_on_one_worker(tiny_dist: Path, monkeypatch: pytest.M
         assert {s for s, _ in steps[:first_done]} == {"a", "b"}  # neither waited for the other to finish
 
 
+def test_a_dropped_cache_is_freed_before_wait_returns(tiny_dist: Path, monkeypatch: pytest.MonkeyPatch):
+    """With no room for idle conversations' caches (kv_cache_mb=0), a finished reply's cache is already freed when
+    wait() returns, even while the worker thread that ran it has not come back for its next step."""
+    import weakref
+
+    from runtime.generation import Generation
+    from runtime.model import Model
+
+    made: list[weakref.ref] = []
+    kv, step = Model.kv, Generation.step
+
+    def recorded_kv(model: Model, *args, **kwargs):
+        out = kv(model, *args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    def slow_to_return(gen: Generation) -> bool:
+        done = step(gen)
+        if done:
+            time.sleep(0.5)  # the worker descheduled right after the reply ended, still holding `gen`
+        return done
+
+    monkeypatch.setattr(Model, "kv", recorded_kv)
+    monkeypatch.setattr(Generation, "step", slow_to_return)
+    with NPCPool(tiny_dist, threads=1, config=RuntimeConfig(kv_cache_mb=0)) as pool:
+        cid = ids(pool)[0]
+        r = pool.chat(cid, "s", "Hello!", max_tokens=8, **GREEDY).wait()
+        persona = pool._models[cid].persona_kv
+        alive = [c for c in (ref() for ref in made) if c is not None and c is not persona]
+        assert r.completion_tokens > 0 and persona is not None and len(made) >= 2
+        assert alive == []
+
+
 def test_chat_loads_a_character_while_others_generate(tiny_dist: Path):
     with NPCPool(tiny_dist, threads=1, config=RuntimeConfig(workers=2)) as pool:
         a, b = ids(pool)[:2]
