@@ -10,8 +10,9 @@ Every variant runs the same ~200-token NPC chat prompt and 64 greedy tokens; run
 variant, rep after rep) and medians reported. Fidelity: teacher-forced top-1 agreement with the model's OWN fp32
 torch checkpoint over 64 tokens, and for the character's rows "as gated": with that checkpoint as the build's
 quality gate judged it (its FFN replaced by the row's codes, builder.gptq.shipped_ffn), so a gap in the first
-column that closes in the second is the FFN's rounding, already in the gate's figures. optimum-onnx (bench-only extra: optimum-onnx==0.1.0, optimum==2.1.0) and llama_cpp
-rows say "not installed" when missing. Timings on a shared CPU are noisy: compare ratios taken in one run.
+column that closes in the second is the FFN's rounding, already in the gate's figures. The optimum-onnx rows
+(bench-only extra: optimum-onnx==0.1.0, optimum==2.1.0) and the llama_cpp rows say why when their engine is missing
+or unusable (bench/llamacpp.py). Timings on a shared CPU are noisy: compare ratios taken in one run.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import llamacpp  # noqa: E402
 from builder.artifact import builder_version  # noqa: E402
 from builder.basemodel import BaseModel, ensure_base_model, npcforge_home  # noqa: E402
 from builder.config import resolve_config, round_channels  # noqa: E402
@@ -268,13 +270,12 @@ def main(argv: list[str] | None = None) -> int:
             f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6}
     except ImportError:
         skipped["optimum-onnx fp32, dense"] = "not installed"
-    try:
-        import llama_cpp  # noqa: F401
-
+    why_not = llamacpp.unusable()
+    if why_not:
+        skipped["llama.cpp, Q4_1 GGUF"] = why_not
+    else:
         gguf = find_gguf(work)
         variants["llama.cpp, Q4_1 GGUF"] = {"gguf": gguf, "ckpt": base.path, "mb": gguf.stat().st_size / 1e6}
-    except ImportError:
-        skipped["llama.cpp, Q4_1 GGUF"] = "not installed"
 
     prompt = bench_prompt(base, args.prompt_tokens)
     refs = {str(c): torch_reference(c, prompt, args.new_tokens) for c in {str(v["ckpt"]): v["ckpt"]

@@ -25,6 +25,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import llamacpp  # noqa: E402
+
 PROMPT_TOKENS = 300  # "a ~300-token persona prompt"
 DECODE_STEPS = 128
 QUESTION = "Tell me everything you know about this town, its people and its troubles."
@@ -337,7 +339,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from builder.basemodel import DEFAULT_MODEL_ID
     base_id = json.loads((dist / ids[0] / "manifest.json").read_text())["base_model"]["id"]
     comparable = base_id == DEFAULT_MODEL_ID or args.gguf is not None  # the GGUF is the default base's
-    gguf = find_gguf(args.gguf) if comparable and _has_llama() else None
+    gguf = find_gguf(args.gguf) if comparable and not llamacpp.unusable() else None
     prompt = None
     if gguf:
         from tokenizers import Tokenizer
@@ -384,7 +386,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             rows.append([variant, cid, r["prefill_ms"], r["decode_tok_s"], t.get("ttft_s_cached", "-"),
                          t.get("ttft_s_uncached", "-"), c.get("chat_tok_s", "-"), c.get("context_tokens", "-")])
     if not gguf:
-        note = "not installed" if not _has_llama() else f"no GGUF of base {base_id!r}"
+        note = llamacpp.unusable() or f"no GGUF of base {base_id!r}"
         rows += [[f"llama.cpp t{t}", note, "-", "-", "-", "-", "-", "-"] for t in (1, 2)]
     T.append(table(f"Speed: {PROMPT_TOKENS}-token prefill, {DECODE_STEPS} greedy decode steps (median of "
                    f"{args.rounds} interleaved rounds), TTFT of a fresh conversation, pool.chat decode rate and "
@@ -469,14 +471,6 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     T.append(table(f"Targets (base {base_id})",
                    ["target", "measured", "met"], targets))
     return report
-
-
-def _has_llama() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":
