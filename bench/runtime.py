@@ -339,7 +339,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from builder.basemodel import DEFAULT_MODEL_ID
     base_id = json.loads((dist / ids[0] / "manifest.json").read_text())["base_model"]["id"]
     comparable = base_id == DEFAULT_MODEL_ID or args.gguf is not None  # the GGUF is the default base's
-    gguf = find_gguf(args.gguf) if comparable and not llamacpp.unusable() else None
+    llama_problem = llamacpp.unusable()
+    gguf = find_gguf(args.gguf) if comparable and not llama_problem else None
     prompt = None
     if gguf:
         from tokenizers import Tokenizer
@@ -386,7 +387,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             rows.append([variant, cid, r["prefill_ms"], r["decode_tok_s"], t.get("ttft_s_cached", "-"),
                          t.get("ttft_s_uncached", "-"), c.get("chat_tok_s", "-"), c.get("context_tokens", "-")])
     if not gguf:
-        note = llamacpp.unusable() or f"no GGUF of base {base_id!r}"
+        note = llama_problem or f"no GGUF of base {base_id!r}"
         rows += [[f"llama.cpp t{t}", note, "-", "-", "-", "-", "-", "-"] for t in (1, 2)]
     T.append(table(f"Speed: {PROMPT_TOKENS}-token prefill, {DECODE_STEPS} greedy decode steps (median of "
                    f"{args.rounds} interleaved rounds), TTFT of a fresh conversation, pool.chat decode rate and "
